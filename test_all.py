@@ -1,0 +1,377 @@
+"""
+The correctness suite: python -m pytest test_all.py (CPU; GPU tests skip without CUDA).
+
+Oracles are independent: per-token float64 loops over the paper's equations,
+single-process runs for multi-process ones, uninterrupted runs for resumed ones.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+import prepare
+import train
+from model import GPT, FFN_CLASSES, PRESETS, GPTConfig, MoE, MultiHeadLatentMoE, preset
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SMALL = dict(block_size=32, n_layer=2, n_head=2, n_embd=48, n_dense_layers=1, n_expert=7, topk=3,
+             expert_dim=20, latent_dim=24, moe_heads=3, moe_head_dim=16)
+
+
+def small_config(**kw):
+    return GPTConfig(**{**SMALL, **kw})
+
+
+# -----------------------------------------------------------------------------
+# An independent oracle: one token at a time, float64, straight from Eq. 1-6
+
+def gelu64(v):
+    return 0.5 * v * (1 + torch.erf(v / math.sqrt(2)))
+
+
+def moe_oracle(x, route_on, router, bias, w1, w2, k):
+    """Eq. 1-4 for one (sub-)token x through one expert set; routing on route_on."""
+    s = route_on @ router                                       # Eq. 4
+    top = sorted(range(len(s)), key=lambda e: -(s[e] + bias[e]).item())[:k]  # Eq. 3, biased choice
+    g = torch.softmax(torch.stack([s[e] for e in top]), 0)       # Eq. 2, unbiased scores
+    return sum(g[j] * (gelu64(w1[e] @ x) @ w2[e]) for j, e in enumerate(top))  # Eq. 1
+
+
+def ffn_oracle(ffn, x):
+    ex, k = ffn.experts, ffn.experts.topk
+    sets = [(ex.router[h], ex.route_bias[h], ex.w1[h], ex.w2[h]) for h in range(ex.router.size(0))]
+    out = []
+    for tok in x:
+        if isinstance(ffn, MoE):
+            out.append(moe_oracle(tok, tok, *sets[0], k))
+        elif type(ffn).__name__ == "LatentMoE":
+            out.append(ffn.w_up.weight @ moe_oracle(ffn.w_down.weight @ tok, tok, *sets[0], k))
+        elif type(ffn).__name__ == "MHMoE":
+            subs = (ffn.w_in.weight @ tok).split(ffn.w_in.weight.size(0) // ffn.moe_heads)
+            out.append(ffn.w_out.weight @ torch.cat([moe_oracle(s, s, *sets[0], k) for s in subs]))
+        else:  # Multi-Head LatentMoE, Eq. 5-6
+            subs = (ffn.w_in.weight @ tok).split(ffn.moe_head_dim)
+            heads = len(sets)
+            route = subs[heads:] if ffn.separate_routing_tokens else subs
+            out.append(ffn.w_out.weight @ torch.cat(
+                [moe_oracle(subs[h], route[h], *sets[h], k) for h in range(heads)]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("ffn,extra", [("moe", {}), ("latent_moe", {}), ("mh_moe", {}),
+                                       ("mh_latent_moe", {}),
+                                       ("mh_latent_moe", {"separate_routing_tokens": True})])
+def test_ffn_output_equals_fp64_per_token_oracle(ffn, extra):
+    torch.manual_seed(0)
+    config = small_config(ffn=ffn, **extra)
+    block = FFN_CLASSES[ffn](config).double()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    block.experts.route_bias.normal_(std=0.5)  # a bias that changes the choice of experts
+    x = torch.randn(2, 13, config.n_embd, dtype=torch.float64)
+    got = block(x).view(-1, config.n_embd)
+    want = ffn_oracle(block, x.view(-1, config.n_embd))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_mlp_block_is_gelu_mlp():
+    torch.manual_seed(0)
+    block = FFN_CLASSES["mlp"](small_config()).double()
+    x = torch.randn(5, 48, dtype=torch.float64)
+    want = gelu64(x @ block.c_fc.weight.T) @ block.c_proj.weight.T
+    torch.testing.assert_close(block(x), want)
+
+
+def test_mh_latent_moe_with_one_head_and_identity_projections_equals_moe():
+    torch.manual_seed(0)
+    d = 40
+    moe = MoE(small_config(ffn="moe", n_embd=d)).double()
+    mh = MultiHeadLatentMoE(small_config(ffn="mh_latent_moe", n_embd=d, moe_heads=1, moe_head_dim=d)).double()
+    mh.load_state_dict({"w_in.weight": torch.eye(d), "w_out.weight": torch.eye(d),
+                        **{f"experts.{k}": v for k, v in moe.experts.state_dict().items()}})
+    x = torch.randn(3, 11, d, dtype=torch.float64)
+    torch.testing.assert_close(mh(x), moe(x), rtol=0, atol=0)
+
+
+def test_bias_changes_selection_but_not_gate_values():
+    torch.manual_seed(0)
+    x, w = torch.randn(29, 2, 16), torch.randn(2, 16, 9)
+    bias = torch.zeros(2, 9)
+    _, idx0 = kernels.topk_route(x, w, bias, 2)
+    bias[:, 4] = 100.0  # expert 4 must now be chosen first by every token of both heads
+    scores, idx = kernels.topk_route(x, w, bias, 2)
+    assert (idx[..., 0] == 4).all() and not torch.equal(idx, idx0)
+    unbiased = torch.einsum("nhd,hde->nhe", x.double(), w.double()).gather(-1, idx)
+    torch.testing.assert_close(scores.double(), unbiased, rtol=1e-6, atol=1e-6)
+
+
+def test_load_balancing_bias_moves_toward_balance():
+    torch.manual_seed(0)
+    experts = MoE(small_config(ffn="moe", n_expert=8, topk=2)).experts
+    with torch.no_grad():
+        experts.router[0, :, 0] += 0.05  # with inputs offset by 1: every token prefers expert 0
+    x = torch.randn(512, 1, 48) + 1.0
+
+    def imbalance():
+        experts.load.zero_()
+        experts(x)
+        return (experts.load.max() / experts.load.mean()).item()
+
+    before = imbalance()
+    for _ in range(200):
+        experts.load.zero_()
+        experts(x)
+        experts.update_bias(rate=0.05)
+    after = imbalance()
+    assert before == 4.0 and after < 1.6, (before, after)  # 4.0: all tokens on expert 0
+
+
+PAPER_CATEGORIES = {  # (active, total) in billions, rounded to 0.1B, tied embeddings counted once
+    "mlp": (0.2, 0.2),
+    "moe_2b": (0.1, 2.1), "moe_4b": (0.1, 4.2),  # the paper labels these 0.2B-2.2B / 0.2B-4.2B: README
+    "latent_2b": (0.2, 2.2), "latent_4b": (0.2, 4.2),
+    "mh_2b": (0.2, 2.2), "mh_4b": (0.2, 4.2), "mh_2b_g": (0.2, 2.2), "mh_4b_g": (0.2, 4.2),
+    "mhmoe_2b": (0.2, 2.2),
+}
+
+
+@pytest.mark.parametrize("name", list(PAPER_CATEGORIES))
+def test_paper_preset_parameter_counts(name):
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**preset(name)))
+    active, total = model.num_params()
+    assert (round(active / 1e9, 1), round(total / 1e9, 1)) == PAPER_CATEGORIES[name]
+
+
+def test_moe_expert_parameters_match_the_paper_tables():
+    # 10 MoE layers of N_e experts with 2 d d_e weights each (Tables 4-5)
+    with torch.device("meta"):
+        moe2, mh2 = GPT(GPTConfig(**preset("moe_2b"))), GPT(GPTConfig(**preset("mh_2b")))
+    _, t_moe = moe2.num_params()
+    _, t_mh = mh2.num_params()
+    assert t_mh - t_moe == 10 * (2 * 1024 * 1024 + (8 * 128 * 384 - 1024 * 384))  # W_in, W_out, routers
+
+
+def test_every_preset_builds():
+    for name in PRESETS:
+        with torch.device("meta"):
+            GPT(GPTConfig(**preset(name)))
+
+
+# -----------------------------------------------------------------------------
+# Configuration errors name the field, the value and the fix
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(ffn="moe", topk=9, n_expert=8), ["topk=9", "n_expert=8"]),
+    (dict(ffn="moe", n_expert=0), ["n_expert=0", "at least 1"]),
+    (dict(ffn="dense"), ["ffn='dense'", "mh_latent_moe"]),
+    (dict(n_head=5), ["n_head=5", "divide n_embd"]),
+    (dict(ffn="moe", separate_routing_tokens=True), ["separate_routing_tokens", "mh_latent_moe only"]),
+    (dict(ffn="moe", n_dense_layers=3), ["n_dense_layers=3", "0..n_layer=2"]),
+])
+def test_bad_model_config_is_named(kw, words):
+    with pytest.raises(ValueError) as e:
+        small_config(**kw)
+    for w in words:
+        assert w in str(e.value)
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--lrr=1"], ["--lrr", "did you mean --lr"]),
+    (["--lr=fast"], ["--lr='fast'", "float"]),
+    (["--compile=maybe"], ["--compile='maybe'", "boolean"]),
+    (["--preset=mh2b"], ["mh2b", "did you mean 'mh_2b'"]),
+    (["preset=mh_2b"], ["--key=value"]),
+    (["--preset=mh_2b", "--topk=999"], ["topk=999"]),
+    (["--max_steps=10", "--warmup_steps=8", "--decay_steps=5"], ["--max_steps=10", "13"]),
+    (["--device=tpu"], ["--device='tpu'"]),
+])
+def test_bad_cli_is_named(argv, words):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_cli_overrides_preset_fields():
+    args, config = train.parse_args(["--preset=mh_2b", "--topk=2", "--lr=1e-3", "--compile=true"])
+    assert (config.ffn, config.n_expert, config.topk) == ("mh_latent_moe", 384, 2)
+    assert args["lr"] == 1e-3 and args["compile"] is True
+
+
+# -----------------------------------------------------------------------------
+# Data: shards, loader, errors
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """The built-in corpus (Python's docs), tokenized once for the whole session."""
+    out = str(tmp_path_factory.mktemp("builtin"))
+    prepare.prepare("builtin", out, val_fraction=0.1, workers=2)
+    return out
+
+
+def test_prepare_writes_gpt2_tokens_with_eot_between_documents(corpus):
+    tokens = prepare.open_shard(os.path.join(corpus, "train_000000.bin"))
+    docs = [d for i, d in enumerate(prepare.builtin_docs()) if not prepare.is_val(i, 0.1)]
+    enc = prepare.encoder()
+    want = np.concatenate([enc.encode_ordinary(d) + [prepare.EOT] for d in docs])
+    assert np.array_equal(np.asarray(tokens), want)
+
+
+def split_tokens(out_dir, split):
+    paths = sorted(f for f in os.listdir(out_dir) if f.startswith(split))
+    return np.concatenate([prepare.open_shard(os.path.join(out_dir, p)) for p in paths])
+
+
+def test_prepare_carries_on_where_a_stopped_run_ended(tmp_path):
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": f"document {i} " * (7 + i % 13)}) + "\n" for i in range(60)))
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    prepare.prepare(str(src), full, val_fraction=0.2, shard_tokens=300, workers=1)
+    assert prepare.prepare(str(src), part, val_fraction=0.2, shard_tokens=300, workers=1,
+                           max_docs=25)["done"] is False
+    assert prepare.prepare(str(src), part, val_fraction=0.2, shard_tokens=300, workers=1)["done"] is True
+    for split in ("train", "val"):
+        assert np.array_equal(split_tokens(full, split), split_tokens(part, split))
+
+
+def test_loader_ranks_read_disjoint_slices_of_one_stream(corpus):
+    one = train.TokenStream(corpus, "train", 4, 32, rank=0, world=1)
+    two = [train.TokenStream(corpus, "train", 2, 32, rank=r, world=2) for r in range(2)]
+    for _ in range(3):
+        x, y = one.next_batch()
+        parts = [s.next_batch() for s in two]
+        assert torch.equal(x, torch.cat([p[0] for p in parts]))
+        assert torch.equal(y, torch.cat([p[1] for p in parts]))
+        assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_loader_resumes_at_the_exact_position(corpus):
+    a = train.TokenStream(corpus, "train", 3, 17)
+    for _ in range(5):
+        a.next_batch()
+    b = train.TokenStream(corpus, "train", 3, 17)
+    b.load_state_dict(a.state_dict())
+    assert all(torch.equal(p, q) for p, q in zip(a.next_batch(), b.next_batch()))
+
+
+def write_raw(path, header, tokens):
+    with open(path, "wb") as f:
+        f.write(np.array(header, dtype="<i8").tobytes())
+        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+
+
+@pytest.mark.parametrize("case,words", [
+    ("magic", ["not a token shard"]),
+    ("version", ["shard version 7"]),
+    ("truncated", ["truncated"]),
+    ("empty", ["holds no tokens"]),
+    ("vocab", ["token id 60000", "vocab_size=50304"]),
+    ("short", ["fewer than one step", "--batch_size"]),
+])
+def test_bad_shard_is_named(tmp_path, case, words):
+    tokens = np.arange(1000) % 50000
+    header = {"magic": [1, 1, 1000, 0], "version": [prepare.MAGIC, 7, 1000, 0],
+              "truncated": [prepare.MAGIC, 1, 2000, 0], "empty": [prepare.MAGIC, 1, 0, 0],
+              "vocab": [prepare.MAGIC, 1, 1000, 0], "short": [prepare.MAGIC, 1, 1000, 0]}[case]
+    if case == "vocab":
+        tokens[500] = 60000
+    write_raw(tmp_path / "train_000000.bin", header, [] if case == "empty" else tokens)
+    with pytest.raises(SystemExit) as e:
+        train.TokenStream(str(tmp_path), "train", 64, 32)
+    assert str(tmp_path) in str(e.value)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_missing_data_dir_is_named(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist; make it with prepare.py"):
+        train.TokenStream(str(tmp_path / "nope"), "train", 1, 8)
+    with pytest.raises(SystemExit, match="no val_.*bin shards"):
+        train.TokenStream(str(tmp_path), "val", 1, 8)
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--source=/nonexistent/*.jsonl"], ["no files match"]),
+    (["--val_fraction=2"], ["--val_fraction=2.0", "between 0 and 1"]),
+    (["--shards=3"], ["bad argument '--shards=3'"]),
+])
+def test_bad_prepare_arguments_are_named(argv, words):
+    with pytest.raises(SystemExit) as e:
+        a = prepare.parse_args(argv)
+        list(prepare.local_docs(a["source"]))
+    for w in words:
+        assert w in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# Training: the loss falls, DDP equals one process, resume is exact
+
+def run_args(corpus, out_dir, **kw):
+    base = dict(data_dir=corpus, out_dir=out_dir, batch_size=4, batch_tokens=256, max_steps=6,
+                warmup_steps=2, decay_steps=2, lr=3e-3, eval_interval=1000, log_interval=1,
+                eval_tokens=512, **{k: v for k, v in SMALL.items()}, ffn="mh_latent_moe")
+    base.update(kw)
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def losses(out_dir):
+    entries = {}
+    for line in open(os.path.join(out_dir, "log.jsonl")):
+        e = json.loads(line)
+        if "loss" in e:
+            entries[e["step"]] = e["loss"]  # a resumed run re-logs its steps: the last one counts
+    return [entries[s] for s in sorted(entries)]
+
+
+def test_training_on_the_builtin_corpus_lowers_the_loss(corpus, tmp_path):
+    train.main(run_args(corpus, str(tmp_path), max_steps=30, warmup_steps=3, decay_steps=5))
+    got = losses(str(tmp_path))
+    assert np.mean(got[-5:]) < got[0] - 2.0, got
+
+
+def test_resume_reproduces_the_uninterrupted_losses_exactly(corpus, tmp_path):
+    straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
+    train.main(run_args(corpus, straight))
+    train.main(run_args(corpus, resumed, ckpt_interval=3, keep_last_n=5))
+    os.remove(os.path.join(resumed, "ckpt_00000006.pt"))  # as if the run had died after step 5
+    train.main(run_args(corpus, resumed, ckpt_interval=3, resume="auto"))
+    assert losses(straight) == losses(resumed)
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_one(corpus, tmp_path, capsys):
+    out = str(tmp_path)
+    train.main(run_args(corpus, out, ckpt_interval=3, keep_last_n=5))
+    with open(os.path.join(out, "ckpt_00000006.pt"), "r+b") as f:
+        f.truncate(100)
+    path, ckpt = train.load_checkpoint("auto", out)
+    assert path.endswith("ckpt_00000003.pt") and ckpt["step"] == 3
+    assert "ckpt_00000006.pt cannot be read" in capsys.readouterr().out
+
+
+def torchrun(nproc, args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(HERE, "train.py"), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_data_parallel_two_ranks_equal_one_rank(corpus, tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    torchrun(1, run_args(corpus, one, max_steps=4, batch_size=4))
+    torchrun(2, run_args(corpus, two, max_steps=4, batch_size=2))
+    np.testing.assert_allclose(losses(two), losses(one), rtol=1e-5)
+
+
+def test_batch_tokens_must_divide_into_micro_batches(corpus, tmp_path):
+    with pytest.raises(SystemExit, match="--batch_tokens=250 is not a multiple of .* = 128"):
+        train.main(run_args(corpus, str(tmp_path), batch_tokens=250))

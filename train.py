@@ -1,0 +1,316 @@
+"""
+Pretrain a GPT with an MLP, MoE, LatentMoE, MH-MoE or Multi-Head LatentMoE feedforward.
+
+  python train.py --preset=tiny_mh --data_dir=data/builtin          # one process (CPU or GPU)
+  torchrun --standalone --nproc_per_node=8 train.py --preset=mh_2b   # data parallel
+
+Every setting below, and every GPTConfig field in model.py, is overridable
+with --key=value; --preset=NAME loads a model preset first. The defaults are
+the paper's recipe (Appendix A): AdamW (0.9, 0.95), weight decay 0.1, lr 5e-4,
+trapezoidal schedule, 0.66M-token global batch.
+"""
+
+import dataclasses
+import difflib
+import glob
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+import parallel
+from model import GPT, GPTConfig, preset
+from prepare import open_shard
+
+DEFAULTS = dict(
+    # data and output
+    data_dir="data/fineweb", out_dir="out",
+    resume="",                 # "" starts fresh, "auto" takes the newest good checkpoint in out_dir, or a path
+    ckpt_interval=1000, keep_last_n=2,
+    eval_interval=500, eval_tokens=2_097_152, log_interval=10,
+    # batch: micro-batches of batch_size sequences, accumulated to batch_tokens per step
+    batch_size=16, batch_tokens=655_360,
+    # optimizer and trapezoidal schedule (warmup, constant, linear decay)
+    lr=5e-4, min_lr=0.0, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
+    max_steps=15_000, warmup_steps=8000, decay_steps=2000,
+    bias_update_rate=1e-3,     # u of the aux-loss-free load balancing
+    # system
+    device="auto", compile=False, seed=1337, peak_tflops=989.0,  # peak for MFU: H100 dense bf16
+)
+
+
+# -----------------------------------------------------------------------------
+# Configuration: defaults < --preset < --key=value
+
+def parse_args(argv):
+    """Returns (train settings, GPTConfig) from --key=value arguments."""
+    model_fields = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    known = {**DEFAULTS, **model_fields, "preset": ""}
+    overrides = {}
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq:
+            raise SystemExit(f"train.py: bad argument {arg!r}: write --key=value")
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean --{near[0]}?)" if near else ""
+            raise SystemExit(f"train.py: unknown option --{key}{hint}; the options are listed in "
+                             f"train.py DEFAULTS and model.py GPTConfig")
+        overrides[key] = convert(key, value, known[key])
+    args = {**DEFAULTS, "preset": overrides.get("preset", "")}
+    args.update({k: v for k, v in overrides.items() if k in DEFAULTS})
+    try:
+        model_args = preset(args["preset"]) if args["preset"] else {}
+        model_args.update({k: v for k, v in overrides.items() if k in model_fields})
+        config = GPTConfig(**model_args)
+    except ValueError as e:
+        raise SystemExit(f"train.py: {e}") from None
+    check_args(args)
+    return args, config
+
+
+def convert(key, value, default):
+    if isinstance(default, bool):
+        if value.lower() in ("1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no"):
+            return False
+        raise SystemExit(f"train.py: --{key}={value!r} is not a boolean; write 1/0 or true/false")
+    try:
+        return type(default)(value)
+    except ValueError:
+        raise SystemExit(f"train.py: --{key}={value!r} is not a {type(default).__name__} "
+                         f"(default {default!r})") from None
+
+
+def check_args(a):
+    def bad(key, fix):
+        raise SystemExit(f"train.py: --{key}={a[key]!r} is invalid: {fix}")
+    for key in ("batch_size", "batch_tokens", "max_steps", "log_interval", "eval_interval",
+                "ckpt_interval", "keep_last_n", "eval_tokens"):
+        if a[key] < 1:
+            bad(key, "it must be at least 1")
+    if a["warmup_steps"] < 0 or a["decay_steps"] < 0:
+        bad("warmup_steps" if a["warmup_steps"] < 0 else "decay_steps", "it cannot be negative")
+    if a["warmup_steps"] + a["decay_steps"] > a["max_steps"]:
+        bad("max_steps", f"it must be at least warmup_steps + decay_steps = "
+                         f"{a['warmup_steps'] + a['decay_steps']}")
+    if a["lr"] <= 0 or a["min_lr"] < 0 or a["min_lr"] > a["lr"]:
+        bad("lr" if a["lr"] <= 0 else "min_lr", "need 0 <= min_lr <= lr and lr > 0")
+    if a["device"] not in ("auto", "cpu", "cuda"):
+        bad("device", "choose auto, cpu or cuda")
+
+
+# -----------------------------------------------------------------------------
+# Data: all shards of a split read as one stream
+
+class TokenStream:
+    """
+    Each step of the stream covers world * batch_size * block_size tokens;
+    rank r reads its own disjoint slice. At the end of the data it starts the
+    next epoch from the beginning, and says so.
+    """
+
+    def __init__(self, data_dir, split, batch_size, block_size, rank=0, world=1, vocab_size=50304):
+        if not os.path.isdir(data_dir):
+            raise SystemExit(f"train.py: data_dir={data_dir!r} does not exist; make it with prepare.py "
+                             f"(e.g. python prepare.py --source=builtin) or pass --data_dir")
+        paths = sorted(glob.glob(os.path.join(data_dir, f"{split}_*.bin")))
+        if not paths:
+            raise SystemExit(f"train.py: no {split}_*.bin shards in {data_dir}; run prepare.py into it")
+        try:
+            self.shards = [open_shard(p, vocab_size) for p in paths]
+        except ValueError as e:
+            raise SystemExit(f"train.py: {e}") from None
+        self.ends = np.cumsum([len(s) for s in self.shards])
+        self.rows, self.rank, self.split = batch_size * block_size, rank, split
+        self.shape = (batch_size, block_size)
+        self.step_tokens = world * self.rows
+        if self.ends[-1] < self.step_tokens + 1:
+            raise SystemExit(f"train.py: {data_dir} has {self.ends[-1]:,} {split} tokens, fewer than one "
+                             f"step of {world} rank(s) x batch_size x block_size + 1 = "
+                             f"{self.step_tokens + 1:,}; lower --batch_size or prepare more data")
+        self.pos, self.epoch = 0, 0
+
+    def read(self, start, n):
+        pieces, i = [], int(np.searchsorted(self.ends, start, side="right"))
+        while n > 0:
+            begin = start - (self.ends[i - 1] if i else 0)
+            piece = self.shards[i][begin:begin + n]
+            pieces.append(piece)
+            start, n, i = start + len(piece), n - len(piece), i + 1
+        return np.concatenate(pieces).astype(np.int64)
+
+    def next_batch(self):
+        if self.pos + self.step_tokens + 1 > self.ends[-1]:
+            self.pos, self.epoch = 0, self.epoch + 1
+            if self.split == "train" and self.rank == 0:
+                print(f"data: the train split is used up; epoch {self.epoch} starts from its beginning")
+        buf = torch.from_numpy(self.read(self.pos + self.rank * self.rows, self.rows + 1))
+        self.pos += self.step_tokens
+        return buf[:-1].view(self.shape), buf[1:].view(self.shape)
+
+    def state_dict(self):
+        return {"pos": self.pos, "epoch": self.epoch}
+
+    def load_state_dict(self, state):
+        self.pos, self.epoch = state["pos"], state["epoch"]
+
+
+# -----------------------------------------------------------------------------
+# Schedule, evaluation, checkpoints
+
+def learning_rate(step, a):
+    """Trapezoid: linear warmup, constant, linear decay to min_lr at max_steps."""
+    if step < a["warmup_steps"]:
+        return a["lr"] * (step + 1) / a["warmup_steps"]
+    decay_start = a["max_steps"] - a["decay_steps"]
+    if step < decay_start:
+        return a["lr"]
+    return a["min_lr"] + (a["lr"] - a["min_lr"]) * (a["max_steps"] - step) / a["decay_steps"]
+
+
+@torch.no_grad()
+def evaluate(model, stream, n_batches, autocast, device):
+    model.eval()
+    stream.load_state_dict({"pos": 0, "epoch": 0})  # the same validation tokens every time
+    total = torch.zeros((), device=device)
+    for _ in range(n_batches):
+        x, y = (t.to(device) for t in stream.next_batch())
+        with autocast:
+            total += model(x, y)[1].float()
+    model.train()
+    return parallel.mean_over_ranks(total / n_batches).item()
+
+
+def save_checkpoint(out_dir, step, state, keep_last_n):
+    path = os.path.join(out_dir, f"ckpt_{step:08d}.pt")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a crash mid-write leaves the older checkpoints intact
+    for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-keep_last_n]:
+        os.remove(old)
+    return path
+
+
+def load_checkpoint(resume, out_dir):
+    """The checkpoint named by --resume, or with 'auto' the newest one that loads."""
+    paths = [resume] if resume != "auto" else sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[::-1]
+    for path in paths:
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # a damaged file: report it and fall back to an older one
+            print(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); trying an older one")
+    if resume != "auto":
+        raise SystemExit(f"train.py: --resume={resume!r} could not be loaded")
+    return None, None
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv):
+    a, config = parse_args(argv)
+    rank, world, device = parallel.init_distributed(a["device"])
+    master = rank == 0
+    torch.manual_seed(a["seed"])
+    steps_tokens = a["batch_size"] * config.block_size * world
+    if a["batch_tokens"] % steps_tokens:
+        raise SystemExit(f"train.py: --batch_tokens={a['batch_tokens']} is not a multiple of "
+                         f"world_size x batch_size x block_size = {steps_tokens}; change one of them")
+    accum = a["batch_tokens"] // steps_tokens
+
+    model = GPT(config).to(device)
+    active, total = model.num_params()
+    optimizer = model.configure_optimizer(a["weight_decay"], a["lr"], (a["beta1"], a["beta2"]),
+                                          fused=device.type == "cuda")
+    train_data = TokenStream(a["data_dir"], "train", a["batch_size"], config.block_size, rank, world,
+                             config.vocab_size)
+    val_data = TokenStream(a["data_dir"], "val", a["batch_size"], config.block_size, rank, world,
+                           config.vocab_size)
+    val_batches = min(a["eval_tokens"], int(val_data.ends[-1]) - 1) // steps_tokens
+    run_config = {"train": a, "model": dataclasses.asdict(config), "world_size": world}
+
+    step = 0
+    if a["resume"]:
+        path, ckpt = load_checkpoint(a["resume"], a["out_dir"])
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            train_data.load_state_dict(ckpt["data"])
+            torch.set_rng_state(ckpt["rng"])
+            step = ckpt["step"]
+            if master:
+                print(f"resumed from {path} at step {step}")
+    if master:
+        os.makedirs(a["out_dir"], exist_ok=True)
+        print(json.dumps(run_config))
+        print(f"parameters: {active / 1e6:.1f}M active / {total / 1e6:.1f}M total | world {world} | "
+              f"{accum} micro-batches of {a['batch_size']}x{config.block_size} per rank per step | "
+              f"validation on {val_batches * steps_tokens:,} tokens")
+    log = open(os.path.join(a["out_dir"], "log.jsonl"), "a", buffering=1) if master else None
+    forward = torch.compile(model) if a["compile"] else model
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    def validate(step):
+        if not val_batches:
+            return
+        val = evaluate(forward, val_data, val_batches, autocast, device)
+        if master:
+            print(f"step {step} | val loss {val:.4f} | val ppl {math.exp(min(val, 50)):.2f}")
+            log.write(json.dumps({"step": step, "val_loss": val}) + "\n")
+
+    def checkpoint(step):
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                 "data": train_data.state_dict(), "rng": torch.get_rng_state(), "config": run_config}
+        if master:
+            save_checkpoint(a["out_dir"], step, state, a["keep_last_n"])
+
+    t0 = time.time()
+    while step < a["max_steps"]:
+        if step % a["eval_interval"] == 0:
+            t_eval = time.time()
+            validate(step)
+            t0 += time.time() - t_eval  # keep evaluation out of the step timing
+        lr = learning_rate(step, a)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(accum):
+            x, y = (t.to(device) for t in train_data.next_batch())
+            with autocast:
+                loss = forward(x, y)[1]
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+        parallel.average_gradients(model)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        load = parallel.update_router_biases(model, a["bias_update_rate"])
+        step += 1
+        loss = parallel.mean_over_ranks(loss_sum / accum).item()
+        if master and (step % a["log_interval"] == 0 or step == a["max_steps"]):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = (time.time() - t0) / (step % a["log_interval"] or a["log_interval"])
+            tps = a["batch_tokens"] / dt
+            mfu = model.flops_per_token() * tps / (world * a["peak_tflops"] * 1e12)
+            load_text = f" | load max/mean {' '.join(f'{x:.2f}' for x in load)}" if load else ""
+            mfu_text = f" | mfu {100 * mfu:.1f}%" if device.type == "cuda" else ""
+            print(f"step {step}/{a['max_steps']} | loss {loss:.4f} | lr {lr:.2e} | norm {norm:.3f} | "
+                  f"{dt * 1000:.0f} ms | {tps:,.0f} tok/s{mfu_text}{load_text}", flush=True)
+            t0 = time.time()
+        if master:
+            log.write(json.dumps({"step": step, "loss": loss, "lr": lr, "grad_norm": norm.item(),
+                                  "load_max_over_mean": load}) + "\n")
+        if step % a["ckpt_interval"] == 0 or step == a["max_steps"]:
+            checkpoint(step)
+    validate(step)
+    parallel.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
