@@ -9,6 +9,8 @@ run on the CPU, serve as the tests' oracle and as bench.py's naive baseline.
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 
 # -----------------------------------------------------------------------------
@@ -30,9 +32,11 @@ def topk_route(x, weight, bias, k):
     x: (..., N_h, d_h); weight: (N_h, d_h, N_e) fp32; bias: (N_h, N_e) fp32.
     Returns the k scores with the bias removed, (..., N_h, k) fp32, and their
     expert indices (..., N_h, k), ordered by biased score, descending.
+    The IO-aware Triton kernels on CUDA, the plain twin elsewhere.
     """
     check_route_args(x, weight, bias, k)
-    return topk_route_reference(x, weight, bias, k)
+    route = topk_route_triton if x.is_cuda else topk_route_reference
+    return route(x, weight, bias, k)
 
 
 def topk_route_reference(x, weight, bias, k):
@@ -40,6 +44,168 @@ def topk_route_reference(x, weight, bias, k):
     scores = torch.einsum("...hd,hde->...he", x.to(dtype), weight.to(dtype))  # (..., N_h, N_e)
     idx = torch.topk(scores + bias, k, dim=-1).indices  # the bias picks experts (Alg. 1 line 7) ...
     return scores.gather(-1, idx), idx                   # ... but never enters the scores (line 13)
+
+
+# Alg. 1 line 8: a score and its expert index packed into one int64, so that one
+# max gives the arg-max. The high 32 bits hold the fp32 bits remapped so that
+# integer order is float order; the low 32 bits hold 2^31 - 1 - index, so that
+# of two equal scores the LOWER expert index wins (deterministic ties).
+EMPTY_KEY = -(2 ** 63)  # below every packed key: masked experts are never chosen
+
+
+@triton.jit
+def _pack(score, index):
+    bits = score.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - index).to(tl.int64)
+
+
+@triton.jit
+def _unpack_index(key):
+    return (0x7FFFFFFF - (key & 0x7FFFFFFF)).to(tl.int32)
+
+
+@triton.jit
+def _route_fwd_kernel(X, W, Bias, Scores, Index, n_tok, n_expert,
+                      sx_n, sx_h, sx_d, sw_h, sw_d, sw_e, sb_h,
+                      D: tl.constexpr, BLOCK_D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    pid, h = tl.program_id(0), tl.program_id(1)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok, dim_ok = rows < n_tok, dims < D
+    # Alg. 1 line 3: this block of sub-tokens stays on chip for the whole expert sweep
+    x = tl.load(X + rows[:, None] * sx_n + h * sx_h + dims[None, :] * sx_d,
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
+    slots = tl.arange(0, KP)
+    best = tl.full((BLOCK_N, KP), EMPTY_KEY, tl.int64)  # line 4: the running top-k
+    for e0 in range(0, n_expert, BLOCK_E):              # line 5: stream blocks of experts
+        experts = e0 + tl.arange(0, BLOCK_E)
+        e_ok = experts < n_expert
+        w = tl.load(W + h * sw_h + dims[:, None] * sw_d + experts[None, :] * sw_e,
+                    mask=dim_ok[:, None] & e_ok[None, :], other=0.0)
+        b = tl.load(Bias + h * sb_h + experts, mask=e_ok, other=0.0)
+        s = tl.dot(x, w, input_precision="ieee") + b[None, :]   # line 7, fp32 in SRAM
+        keys = tl.where(e_ok[None, :], _pack(s, experts[None, :]), EMPTY_KEY)  # line 8
+        merged = tl.full((BLOCK_N, KP), EMPTY_KEY, tl.int64)
+        for j in tl.static_range(K):                    # lines 9-10: merge, keep the best k
+            top = tl.maximum(tl.max(keys, axis=1), tl.max(best, axis=1))
+            merged = tl.where(slots[None, :] == j, top[:, None], merged)
+            keys = tl.where(keys == top[:, None], EMPTY_KEY, keys)
+            best = tl.where(best == top[:, None], EMPTY_KEY, best)
+        best = merged
+    # lines 12-13: unpack the indices; the unbiased scores are recomputed exactly
+    # from the k selected columns rather than as (s + b) - b, which would round
+    index = _unpack_index(best)
+    out_ok = row_ok[:, None] & (slots[None, :] < K)
+    for j in tl.static_range(K):
+        e = tl.sum(tl.where(slots[None, :] == j, index, 0), axis=1)
+        w = tl.load(W + h * sw_h + dims[None, :] * sw_d + e[:, None] * sw_e,
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        s = tl.sum(x * w, axis=1)
+        tl.store(Scores + (rows[:, None] * tl.num_programs(1) + h) * K + slots[None, :],
+                 s[:, None] + tl.zeros((BLOCK_N, KP), tl.float32), mask=out_ok & (slots[None, :] == j))
+    tl.store(Index + (rows[:, None] * tl.num_programs(1) + h) * K + slots[None, :], index.to(tl.int64),
+             mask=out_ok)
+
+
+@triton.jit
+def _route_dx_kernel(DS, Index, WT, DX, n_tok, swt_h, swt_e,
+                     D: tl.constexpr, BLOCK_D: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Alg. 2 lines 6-9: dX = sum_i dS_i W_r[:, e_i], gathering only the k selected columns
+    pid, h = tl.program_id(0), tl.program_id(1)
+    n_heads = tl.num_programs(1)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok, dim_ok = rows < n_tok, dims < D
+    acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for j in tl.static_range(K):
+        e = tl.load(Index + (rows * n_heads + h) * K + j, mask=row_ok, other=0)
+        ds = tl.load(DS + (rows * n_heads + h) * K + j, mask=row_ok, other=0.0)
+        w = tl.load(WT + h * swt_h + e[:, None] * swt_e + dims[None, :],
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        acc += ds[:, None] * w
+    tl.store(DX + (rows[:, None] * n_heads + h) * D + dims[None, :], acc,
+             mask=row_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit
+def _route_dw_kernel(X, DS, Order, Starts, DWT, n_heads, n_expert, sx_n, sx_h, sx_d,
+                     D: tl.constexpr, BLOCK_D: tl.constexpr, K: tl.constexpr, BLOCK_P: tl.constexpr):
+    # Alg. 2 line 10 as a segmented reduction instead of atomics: the (token, slot)
+    # pairs are sorted by (head, expert), and one program sums the pairs of one
+    # expert, dW[:, e] = sum_p dS_p x_p, and writes its column once: deterministic,
+    # O(k) work per token, nothing of size T x N_e.
+    g = tl.program_id(0)  # = head * N_e + expert
+    h = g // n_expert
+    start, end = tl.load(Starts + g), tl.load(Starts + g + 1)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for p0 in range(start, end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_ok = p < end
+        pair = tl.load(Order + p, mask=p_ok, other=0)       # flat index into (N, N_h, k)
+        ds = tl.load(DS + pair, mask=p_ok, other=0.0)
+        token = pair // (K * n_heads)
+        x = tl.load(X + token[:, None] * sx_n + h * sx_h + dims[None, :] * sx_d,
+                    mask=p_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(ds[:, None] * x, axis=0)
+    tl.store(DWT + g * D + dims, acc, mask=dim_ok)
+
+
+ROUTE_BLOCK_N, ROUTE_BLOCK_E, ROUTE_BLOCK_P = 64, 64, 64
+
+
+class TritonRoute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, k):
+        n_heads, dim, n_expert = weight.shape
+        x3 = x.reshape(-1, n_heads, dim)  # a view where possible: strides go to the kernel
+        n_tok = x3.size(0)
+        scores = torch.empty(n_tok, n_heads, k, device=x.device, dtype=torch.float32)
+        index = torch.empty(n_tok, n_heads, k, device=x.device, dtype=torch.int64)
+        grid = (triton.cdiv(n_tok, ROUTE_BLOCK_N), n_heads)
+        _route_fwd_kernel[grid](
+            x3, weight, bias, scores, index, n_tok, n_expert,
+            *x3.stride(), *weight.stride(), bias.stride(0),
+            D=dim, BLOCK_D=triton.next_power_of_2(dim), K=k, KP=max(triton.next_power_of_2(k), 2),
+            BLOCK_N=ROUTE_BLOCK_N, BLOCK_E=ROUTE_BLOCK_E)
+        ctx.save_for_backward(x3, weight, index)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.mark_non_differentiable(index)
+        out_shape = (*x.shape[:-1], k)
+        return scores.view(out_shape), index.view(out_shape)
+
+    @staticmethod
+    def backward(ctx, d_scores, _):
+        x3, weight, index = ctx.saved_tensors
+        n_heads, dim, n_expert = weight.shape
+        n_tok, k = x3.size(0), index.size(-1)
+        ds = d_scores.reshape(n_tok, n_heads, k).float().contiguous()
+        block_d = triton.next_power_of_2(dim)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            wt = weight.detach().transpose(1, 2).contiguous()  # (N_h, N_e, d_h): rows gather coalesced
+            dx = torch.empty(n_tok, n_heads, dim, device=x3.device, dtype=torch.float32)
+            _route_dx_kernel[(triton.cdiv(n_tok, ROUTE_BLOCK_N), n_heads)](
+                ds, index, wt, dx, n_tok, wt.stride(0), wt.stride(1),
+                D=dim, BLOCK_D=block_d, K=k, BLOCK_N=ROUTE_BLOCK_N)
+            dx = dx.to(ctx.x_dtype).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            order, counts = cluster_by_expert(index, n_expert)
+            starts = F.pad(torch.cumsum(counts, 0), (1, 0))
+            dwt = torch.empty(n_heads * n_expert, dim, device=x3.device, dtype=torch.float32)
+            _route_dw_kernel[(n_heads * n_expert,)](
+                x3, ds, order, starts, dwt, n_heads, n_expert, *x3.stride(),
+                D=dim, BLOCK_D=block_d, K=k, BLOCK_P=ROUTE_BLOCK_P)
+            dw = dwt.view(n_heads, n_expert, dim).transpose(1, 2)
+        return dx, dw, None, None
+
+
+def topk_route_triton(x, weight, bias, k):
+    """IO-aware routing (Alg. 1 forward, Alg. 2 backward): never writes a T x N_e tensor."""
+    return TritonRoute.apply(x, weight.contiguous(), bias.contiguous(), k)
 
 
 # -----------------------------------------------------------------------------

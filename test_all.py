@@ -16,6 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # run the Triton kernels on the CPU; must precede `import triton`
+
 import kernels
 import prepare
 import train
@@ -375,3 +378,90 @@ def test_data_parallel_two_ranks_equal_one_rank(corpus, tmp_path):
 def test_batch_tokens_must_divide_into_micro_batches(corpus, tmp_path):
     with pytest.raises(SystemExit, match="--batch_tokens=250 is not a multiple of .* = 128"):
         train.main(run_args(corpus, str(tmp_path), batch_tokens=250))
+
+
+# -----------------------------------------------------------------------------
+# The IO-aware Triton router (Alg. 1-2): on CUDA, or under TRITON_INTERPRET=1 on the CPU
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def route_inputs(n_tok, n_heads, dim, n_expert, seed=0, batch=()):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*batch, n_tok, n_heads, dim, generator=g)
+    w = torch.randn(n_heads, dim, n_expert, generator=g) / dim ** 0.5
+    b = torch.randn(n_heads, n_expert, generator=g) * 0.3
+    return x.to(DEV), w.to(DEV), b.to(DEV)
+
+
+def assert_same_experts_up_to_ties(idx, x, w, b, k):
+    """The selected sets equal fp64 top-k, except where fp64 scores tie to within fp32 rounding."""
+    biased = torch.einsum("...hd,hde->...he", x.double(), w.double()) + b.double()
+    want = torch.topk(biased, k, dim=-1).values
+    got = biased.gather(-1, idx)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * biased.abs().max().item())
+    assert ((idx >= 0) & (idx < w.size(-1))).all()
+    assert (idx.sort(-1).values.diff(dim=-1) != 0).all()  # k distinct experts
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_triton_router_matches_fp64_in_experts_scores_and_gradients(k):
+    x, w, b = route_inputs(37, 2, 32, 100, seed=k)
+    x.requires_grad_(True), w.requires_grad_(True)
+    scores, idx = kernels.topk_route_triton(x, w, b, k)
+    assert_same_experts_up_to_ties(idx, x, w, b, k)
+    # scores: the unbiased x W_r at the chosen experts, ordered by biased score
+    want = torch.einsum("nhd,hde->nhe", x.double(), w.double()).gather(-1, idx)
+    torch.testing.assert_close(scores.double(), want, rtol=1e-5, atol=1e-5)
+    biased = want + b.double().expand(37, -1, -1).gather(-1, idx)
+    assert (biased.diff(dim=-1) <= 1e-6).all()
+    g = torch.randn_like(scores)
+    dx, dw = torch.autograd.grad((scores * g).sum(), (x, w))
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    s64 = torch.einsum("nhd,hde->nhe", x64, w64).gather(-1, idx)
+    dx64, dw64 = torch.autograd.grad((s64 * g.double()).sum(), (x64, w64))
+    torch.testing.assert_close(dx.double(), dx64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw.double(), dw64, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_router_takes_batched_non_contiguous_bf16_inputs():
+    x, w, b = route_inputs(21, 4, 64, 70, seed=1, batch=(2,))
+    wide = torch.cat([x, x], dim=-1).to(torch.bfloat16)   # (2, 21, 4, 128)
+    x = wide[..., 64:]                                     # a non-contiguous view
+    assert not x.is_contiguous()
+    scores, idx = kernels.topk_route_triton(x, w, b, 4)
+    ref_scores, ref_idx = kernels.topk_route_reference(x, w, b, 4)
+    assert scores.shape == idx.shape == (2, 21, 4, 4)
+    assert_same_experts_up_to_ties(idx, x.float(), w, b, 4)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_router_never_selects_padding_experts():
+    # every real score is negative, so padding columns (score 0) would win if not masked
+    x, w, b = route_inputs(9, 1, 32, 70, seed=2)
+    x, w = x.abs(), -w.abs()
+    _, idx = kernels.topk_route_triton(x, w, b * 0, 8)
+    assert (idx < 70).all()
+    assert_same_experts_up_to_ties(idx, x, w, b * 0, 8)
+
+
+def test_triton_router_breaks_exact_ties_toward_the_lower_index():
+    # small integers make every score exact in fp32, whatever the order of summation
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 4, (5, 1, 32), generator=g).float()
+    w = torch.randint(-3, 4, (1, 32, 90), generator=g).float()
+    w[..., 40] += 100.0
+    for e in (77, 12, 60):  # four equal, dominant experts
+        w[..., e] = w[..., 40]
+    _, idx = kernels.topk_route_triton(x.to(DEV), w.to(DEV), torch.zeros(1, 90, device=DEV), 3)
+    assert (idx == torch.tensor([12, 40, 60], device=DEV)).all()
+
+
+def test_router_rejects_bad_shapes_and_k():
+    x, w, b = route_inputs(4, 2, 32, 10)
+    with pytest.raises(ValueError, match="k=11 must lie in 1..N_e=10"):
+        kernels.topk_route(x, w, b, 11)
+    with pytest.raises(ValueError, match=r"expected \(..., 2, 32\)"):
+        kernels.topk_route(x[..., :16], w, b, 2)
+    with pytest.raises(ValueError, match=r"bias has shape \(10,\)"):
+        kernels.topk_route(x, w, b[0], 2)
