@@ -241,9 +241,11 @@ def expert_ffn(x, idx, gates, w1, w2):
     """
     x: (N, N_h, d_h) sub-tokens; idx, gates: (N, N_h, k);
     w1, w2: (N_h, N_e, d_e, d_h). Returns (N, N_h, d_h).
+    FlexAttention on CUDA, the plain twin elsewhere.
     """
     check_expert_args(x, idx, gates, w1, w2)
-    return expert_ffn_reference(x, idx, gates, w1, w2)
+    ffn = expert_ffn_flex if x.is_cuda else expert_ffn_reference
+    return ffn(x, idx, gates, w1, w2)
 
 
 def expert_ffn_reference(x, idx, gates, w1, w2):
@@ -259,3 +261,79 @@ def expert_ffn_reference(x, idx, gates, w1, w2):
     y = torch.cat(ys) * gates.flatten()[order, None].to(x.dtype)
     out = torch.zeros(N * n_sets, dim, device=x.device, dtype=y.dtype).index_add(0, rows, y)
     return out.view(N, n_sets, dim)
+
+
+# Sec. 3.4: the experts as block-sparse attention. Q = the clustered sub-tokens,
+# K = rows of W1, V = rows of W2, a mask "query's expert == key's expert".
+# With score_mod log(gelu(s) + c) and scale 1, FlexAttention returns
+#   O' = sum_j (gelu(s_j) + c) V_j / l   and   log l,   l = sum_j (gelu(s_j) + c).
+# The paper takes c = 1 and V = W2, then subtracts c sum_j W2_j from O' l; in bf16
+# that cancels badly (c sum_j W2_j dwarfs the result). We centre each expert's
+# rows, V = W2 - m with m their mean, so that c sum_j V_j = 0 and O' holds only
+# the wanted signal, and add back m sum_j gelu(s_j) = m (l - c d_e) in fp32.
+# c is just above -min gelu = 0.17, as small as log() allows.
+GELU_OFFSET = 0.2
+FLEX_BLOCK = 128
+
+
+def expert_block_mask(q_expert, expert_dim, kv_len):
+    """
+    The block mask of one step, built from the clustering directly (never by
+    evaluating the mask element-wise): query block i of head h needs the key
+    blocks of the experts its rows hold, a contiguous range since rows are sorted.
+    q_expert: (N_h, L) the expert of each clustered row, ascending per head.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+    n_heads, q_len = q_expert.shape
+    n_q_blocks, n_kv_blocks = -(-q_len // FLEX_BLOCK), -(-kv_len // FLEX_BLOCK)
+    block_ends = torch.arange(1, n_q_blocks + 1, device=q_expert.device) * FLEX_BLOCK
+    first = q_expert[:, ::FLEX_BLOCK]                          # (N_h, n_q_blocks): experts of each
+    last = q_expert[:, block_ends.clamp(max=q_len) - 1]        # block's first and last rows
+    kv_first = first * expert_dim // FLEX_BLOCK
+    kv_last = ((last + 1) * expert_dim - 1) // FLEX_BLOCK
+    kv_indices = (kv_first[..., None] + torch.arange(n_kv_blocks, device=q_expert.device)).clamp(max=n_kv_blocks - 1)
+
+    def same_expert(b, h, q_idx, kv_idx):
+        return q_expert[h, q_idx] == kv_idx // expert_dim
+
+    return BlockMask.from_kv_blocks((kv_last - kv_first + 1)[None].int(), kv_indices[None].int(),
+                                    BLOCK_SIZE=FLEX_BLOCK, mask_mod=same_expert, seq_lengths=(q_len, kv_len))
+
+
+def gelu_log_score(score, b, h, q_idx, kv_idx):
+    return torch.log(F.gelu(score) + GELU_OFFSET)
+
+
+def compiled_flex_attention():
+    # FlexAttention is fast only compiled; on the CPU it runs eagerly (the compiled
+    # CPU kernel cannot return the log-normaliser in torch 2.13)
+    from torch.nn.attention.flex_attention import flex_attention
+    global _compiled_flex
+    if "_compiled_flex" not in globals():
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def expert_ffn_flex(x, idx, gates, w1, w2):
+    """IO-aware expert computation (Sec. 3.4): one FlexAttention call for all experts of all heads."""
+    from torch.nn.attention.flex_attention import flex_attention
+    flex = compiled_flex_attention() if x.is_cuda else flex_attention
+    N, n_heads, dim = x.shape
+    k, (n_expert, expert_dim) = idx.size(-1), w1.shape[1:3]
+    order, _ = cluster_by_expert(idx, n_expert)          # head-major: head h owns rows h*N*k ...
+    order = order.view(n_heads, N * k)
+    rows = order // k                                    # rows of x.view(N * N_h, d_h)
+    q_expert = idx.flatten()[order]                      # (N_h, N*k), ascending per head
+    q = x.reshape(N * n_heads, dim)[rows]                # (N_h, N*k, d_h): the clustered sub-tokens
+    mean = w2.mean(dim=2, keepdim=True)                  # (N_h, N_e, 1, d_h)
+    keys = w1.reshape(n_heads, n_expert * expert_dim, dim)
+    values = (w2 - mean).reshape(n_heads, n_expert * expert_dim, dim)
+    mask = expert_block_mask(q_expert, expert_dim, n_expert * expert_dim)
+    out, lse = flex(q[None], keys[None].to(q.dtype), values[None].to(q.dtype),
+                              score_mod=gelu_log_score, block_mask=mask, scale=1.0, return_lse=True)
+    norm = lse[0].float().exp()[..., None]               # l, (N_h, N*k, 1)
+    head = torch.arange(n_heads, device=x.device)[:, None]
+    y = out[0].float() * norm + mean[head, q_expert, 0].float() * (norm - GELU_OFFSET * expert_dim)
+    y = y * gates.flatten()[order][..., None].float()
+    result = torch.zeros(N * n_heads, dim, device=x.device, dtype=torch.float32)
+    return result.index_add(0, rows.flatten(), y.view(-1, dim)).to(x.dtype).view(N, n_heads, dim)

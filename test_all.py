@@ -465,3 +465,73 @@ def test_router_rejects_bad_shapes_and_k():
         kernels.topk_route(x[..., :16], w, b, 2)
     with pytest.raises(ValueError, match=r"bias has shape \(10,\)"):
         kernels.topk_route(x, w, b[0], 2)
+
+
+# -----------------------------------------------------------------------------
+# Expert computation as block-sparse attention (Sec. 3.4)
+
+def expert_inputs(N, n_heads, dim, n_expert, expert_dim, k, routing="uniform", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, n_heads, dim, generator=g)
+    if routing == "uniform":
+        idx = torch.rand(N * n_heads, n_expert, generator=g).argsort(-1)[:, :k].view(N, n_heads, k)
+    elif routing == "skewed":  # most pairs on expert 1
+        idx = (torch.arange(k).view(1, 1, k) + (torch.rand(N, n_heads, 1, generator=g) < 0.1) * 2) % n_expert
+        idx = (idx + 1) % n_expert
+    else:  # every token's first choice is expert 0
+        idx = torch.arange(k).expand(N, n_heads, k).contiguous()
+    gates = torch.softmax(torch.randn(N, n_heads, k, generator=g), -1)
+    w1 = torch.randn(n_heads, n_expert, expert_dim, dim, generator=g) * 0.2
+    w2 = torch.randn(n_heads, n_expert, expert_dim, dim, generator=g) * 0.2
+    return [t.to(DEV) for t in (x, idx, gates, w1, w2)]
+
+
+def expert_oracle(x, idx, gates, w1, w2):
+    """Eq. 1 one (token, head) at a time in float64."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    x, idx, gates, w1, w2 = (t.cpu() for t in (x, idx, gates, w1, w2))
+    for n in range(x.size(0)):
+        for h in range(x.size(1)):
+            for j in range(idx.size(2)):
+                e = idx[n, h, j]
+                out[n, h] += gates[n, h, j].double() * (gelu64(w1[h, e].double() @ x[n, h].double())
+                                                        @ w2[h, e].double())
+    return out
+
+
+@pytest.mark.parametrize("routing", ["uniform", "skewed", "one_expert"])
+def test_flex_expert_forward_matches_fp64_oracle(routing):
+    args = expert_inputs(37, 2, 16, 5, 48, 3, routing)
+    want = expert_oracle(*args)
+    got = kernels.expert_ffn_flex(*args)
+    assert torch.linalg.norm(got.double().cpu() - want) / torch.linalg.norm(want) < 1e-5
+    torch.testing.assert_close(kernels.expert_ffn_reference(*args).double().cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_block_mask_covers_exactly_each_rows_expert():
+    # rows sorted by expert; d_e = 48 is not a multiple of the 128-wide blocks
+    q_expert = torch.tensor([[0] * 100 + [2] * 200 + [3] * 10, [1] * 310]).to(DEV)
+    mask = kernels.expert_block_mask(q_expert, 48, 5 * 48)
+    dense = mask.to_dense()[0].cpu()                        # (N_h, q blocks, kv blocks)
+    for h in range(2):
+        for qb in range(3):
+            experts = q_expert[h, qb * 128:(qb + 1) * 128].unique().cpu()
+            need = {b for e in experts.tolist() for b in range(e * 48 // 128, ((e + 1) * 48 - 1) // 128 + 1)}
+            assert set(dense[h, qb].nonzero().flatten().tolist()) == need
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention backward needs CUDA")
+@pytest.mark.parametrize("shape", [(37, 2, 16, 5, 48, 3), (2048, 8, 128, 64, 256, 4)])
+def test_flex_expert_gradients_match_fp64_on_gpu(shape):
+    args = expert_inputs(*shape, routing="uniform", seed=1)
+    x, idx, gates, w1, w2 = args
+    ins = [t.detach().requires_grad_() for t in (x, gates, w1, w2)]
+    out = kernels.expert_ffn_flex(ins[0], idx, ins[1], ins[2], ins[3])
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), ins)
+    ref = [t.detach().double().requires_grad_() for t in (x, gates, w1, w2)]
+    out64 = kernels.expert_ffn_reference(ref[0], idx, ref[1], ref[2], ref[3])
+    grads64 = torch.autograd.grad((out64 * g.double()).sum(), ref)
+    assert torch.linalg.norm(out.double() - out64) / torch.linalg.norm(out64) < 1e-3
+    for got, want in zip(grads, grads64):
+        assert torch.linalg.norm(got.double() - want) / torch.linalg.norm(want) < 1e-3
