@@ -321,7 +321,7 @@ def test_bad_prepare_arguments_are_named(argv, words):
 def run_args(corpus, out_dir, **kw):
     base = dict(data_dir=corpus, out_dir=out_dir, batch_size=4, batch_tokens=256, max_steps=6,
                 warmup_steps=2, decay_steps=2, lr=3e-3, eval_interval=1000, log_interval=1,
-                eval_tokens=512, **{k: v for k, v in SMALL.items()}, ffn="mh_latent_moe")
+                eval_tokens=512, device="cpu", **{k: v for k, v in SMALL.items()}, ffn="mh_latent_moe")
     base.update(kw)
     return [f"--{k}={v}" for k, v in base.items()]
 
