@@ -42,7 +42,7 @@ def report(name, rows, columns, plot):
     device = f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}"
     lines = [f"{name} ({device}; command: python bench.py {name})", "",
              "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(r.get(c, "-")) for c in columns) + " |" for r in rows]
     text = "\n".join(lines)
     print(text, flush=True)
     with open(os.path.join(OUT, f"{name}.md"), "w") as f:

@@ -50,7 +50,7 @@ def topk_route_reference(x, weight, bias, k):
 # max gives the arg-max. The high 32 bits hold the fp32 bits remapped so that
 # integer order is float order; the low 32 bits hold 2^31 - 1 - index, so that
 # of two equal scores the LOWER expert index wins (deterministic ties).
-EMPTY_KEY = -(2 ** 63)  # below every packed key: masked experts are never chosen
+EMPTY_KEY = tl.constexpr(-(2 ** 63))  # below every packed key: masked experts are never chosen
 
 
 @triton.jit
@@ -69,7 +69,7 @@ def _unpack_index(key):
 def _route_fwd_kernel(X, W, Bias, Scores, Index, n_tok, n_expert,
                       sx_n, sx_h, sx_d, sw_h, sw_d, sw_e, sb_h,
                       D: tl.constexpr, BLOCK_D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
     pid, h = tl.program_id(0), tl.program_id(1)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
@@ -85,7 +85,7 @@ def _route_fwd_kernel(X, W, Bias, Scores, Index, n_tok, n_expert,
         w = tl.load(W + h * sw_h + dims[:, None] * sw_d + experts[None, :] * sw_e,
                     mask=dim_ok[:, None] & e_ok[None, :], other=0.0)
         b = tl.load(Bias + h * sb_h + experts, mask=e_ok, other=0.0)
-        s = tl.dot(x, w, input_precision="ieee") + b[None, :]   # line 7, fp32 in SRAM
+        s = tl.dot(x, w, input_precision=PRECISION) + b[None, :]   # line 7, fp32 in SRAM
         keys = tl.where(e_ok[None, :], _pack(s, experts[None, :]), EMPTY_KEY)  # line 8
         merged = tl.full((BLOCK_N, KP), EMPTY_KEY, tl.int64)
         for j in tl.static_range(K):                    # lines 9-10: merge, keep the best k
@@ -125,7 +125,7 @@ def _route_dx_kernel(DS, Index, WT, DX, n_tok, swt_h, swt_e,
         w = tl.load(WT + h * swt_h + e[:, None] * swt_e + dims[None, :],
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         acc += ds[:, None] * w
-    tl.store(DX + (rows[:, None] * n_heads + h) * D + dims[None, :], acc,
+    tl.store(DX + (rows[:, None] * n_heads + h) * D + dims[None, :], acc.to(DX.dtype.element_ty),
              mask=row_ok[:, None] & dim_ok[None, :])
 
 
@@ -154,7 +154,8 @@ def _route_dw_kernel(X, DS, Order, Starts, DWT, n_heads, n_expert, sx_n, sx_h, s
     tl.store(DWT + g * D + dims, acc, mask=dim_ok)
 
 
-ROUTE_BLOCK_N, ROUTE_BLOCK_E, ROUTE_BLOCK_P = 64, 64, 64
+ROUTE = dict(BLOCK_N=64, BLOCK_E=64, num_warps=4, precision="ieee")  # tuned on an H100: see README
+ROUTE_BLOCK_P = 64
 
 
 class TritonRoute(torch.autograd.Function):
@@ -165,12 +166,13 @@ class TritonRoute(torch.autograd.Function):
         n_tok = x3.size(0)
         scores = torch.empty(n_tok, n_heads, k, device=x.device, dtype=torch.float32)
         index = torch.empty(n_tok, n_heads, k, device=x.device, dtype=torch.int64)
-        grid = (triton.cdiv(n_tok, ROUTE_BLOCK_N), n_heads)
+        grid = (triton.cdiv(n_tok, ROUTE["BLOCK_N"]), n_heads)
         _route_fwd_kernel[grid](
             x3, weight, bias, scores, index, n_tok, n_expert,
             *x3.stride(), *weight.stride(), bias.stride(0),
             D=dim, BLOCK_D=triton.next_power_of_2(dim), K=k, KP=max(triton.next_power_of_2(k), 2),
-            BLOCK_N=ROUTE_BLOCK_N, BLOCK_E=ROUTE_BLOCK_E)
+            BLOCK_N=ROUTE["BLOCK_N"], BLOCK_E=ROUTE["BLOCK_E"], PRECISION=ROUTE["precision"],
+            num_warps=ROUTE["num_warps"])
         ctx.save_for_backward(x3, weight, index)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.mark_non_differentiable(index)
@@ -187,11 +189,11 @@ class TritonRoute(torch.autograd.Function):
         dx = dw = None
         if ctx.needs_input_grad[0]:
             wt = weight.detach().transpose(1, 2).contiguous()  # (N_h, N_e, d_h): rows gather coalesced
-            dx = torch.empty(n_tok, n_heads, dim, device=x3.device, dtype=torch.float32)
-            _route_dx_kernel[(triton.cdiv(n_tok, ROUTE_BLOCK_N), n_heads)](
+            dx = torch.empty(n_tok, n_heads, dim, device=x3.device, dtype=ctx.x_dtype)  # fp32 sums, stored once
+            _route_dx_kernel[(triton.cdiv(n_tok, ROUTE["BLOCK_N"]), n_heads)](
                 ds, index, wt, dx, n_tok, wt.stride(0), wt.stride(1),
-                D=dim, BLOCK_D=block_d, K=k, BLOCK_N=ROUTE_BLOCK_N)
-            dx = dx.to(ctx.x_dtype).view(ctx.x_shape)
+                D=dim, BLOCK_D=block_d, K=k, BLOCK_N=ROUTE["BLOCK_N"])
+            dx = dx.view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             order, counts = cluster_by_expert(index, n_expert)
             starts = F.pad(torch.cumsum(counts, 0), (1, 0))
