@@ -247,7 +247,7 @@ def expert_ffn(x, idx, gates, w1, w2):
     FlexAttention on CUDA, the plain twin elsewhere.
     """
     check_expert_args(x, idx, gates, w1, w2)
-    ffn = expert_ffn_flex if x.is_cuda else expert_ffn_reference
+    ffn = expert_ffn_flex if x.is_cuda and x.size(0) else expert_ffn_reference
     return ffn(x, idx, gates, w1, w2)
 
 
@@ -261,7 +261,8 @@ def expert_ffn_reference(x, idx, gates, w1, w2):
     w1g, w2g = w1.flatten(0, 1), w2.flatten(0, 1)       # (N_h * N_e, d_e, d_h)
     ys = [F.gelu(chunk @ w1g[g].T) @ w2g[g]
           for g, chunk in enumerate(torch.split(xs, counts.tolist())) if chunk.numel()]
-    y = torch.cat(ys) * gates.flatten()[order, None].to(x.dtype)
+    y = torch.cat(ys) if ys else xs  # no pairs at all: an empty result
+    y = y * gates.flatten()[order, None].to(x.dtype)
     out = torch.zeros(N * n_sets, dim, device=x.device, dtype=y.dtype).index_add(0, rows, y)
     return out.view(N, n_sets, dim)
 

@@ -187,6 +187,7 @@ class RoutedExperts(nn.Module):
         # aux-loss-free bias b (Wang et al. 2024a) and the expert counts it is updated from
         self.register_buffer("route_bias", torch.zeros(n_sets, n_expert))
         self.register_buffer("load", torch.zeros(n_sets, n_expert), persistent=False)
+        self.expert_parallel = None  # parallel.ExpertParallel when experts are spread over ranks
         for p in self.parameters():
             nn.init.normal_(p, std=0.02)  # GPT.init_weights re-draws w2 with the output scaling
 
@@ -198,7 +199,8 @@ class RoutedExperts(nn.Module):
             gates = torch.softmax(scores, dim=-1)  # Eq. 2-3: softmax over the k unbiased scores
         if self.training:
             self.count_load(idx)
-        return kernels.expert_ffn(x, idx, gates.to(x.dtype), self.w1, self.w2)
+        ffn = kernels.expert_ffn if self.expert_parallel is None else self.expert_parallel
+        return ffn(x, idx, gates.to(x.dtype), self.w1, self.w2)
 
     @torch.no_grad()
     def count_load(self, idx):
@@ -342,7 +344,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     def routed_experts(self):

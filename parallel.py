@@ -1,14 +1,29 @@
 """
-Process groups and the communication of training: data parallel gradient
-averaging and the global load counts of the router bias. Under torchrun
-(WORLD_SIZE > 1) it uses NCCL on GPUs and gloo on CPUs; in one process every
-function here is a no-op.
+Process groups and all communication of training: data parallel gradient
+averaging, the global load counts of the router bias, and the two ways of
+spreading experts over P ranks (Sec. 2.3 and 3.2):
+
+  Expert Parallel (EP): each rank owns N_e / P experts of every expert set.
+    Route locally, exchange per-destination counts (metadata), send k copies
+    of each token to the experts' owners (uneven splits), compute, send back.
+  Head Parallel (HP): each rank owns N_h / P heads of a Multi-Head LatentMoE.
+    One all-to-all of fixed, equal size before routing gives each rank its
+    heads' sub-tokens of every rank's tokens; one reverse all-to-all after.
+    No metadata, and the traffic does not depend on routing or on k.
+
+With W ranks and P-way EP or HP, the W ranks form W / P = R groups of P
+consecutive ranks; an expert shard is replicated over the R ranks holding the
+same place in their group, and its gradients are averaged over those R only.
+Under torchrun (WORLD_SIZE > 1) it uses NCCL on GPUs and gloo on CPUs; in one
+process everything here is a no-op.
 """
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 
 def init_distributed(device="auto"):
@@ -49,17 +64,27 @@ def mean_over_ranks(t):
 
 
 def average_gradients(model):
-    """Data parallel: average every gradient over all ranks, in one flat buffer."""
+    """
+    Average gradients as one process holding the whole global batch would see
+    them: dense weights over all W ranks; expert shards over the R ranks that
+    hold the same shard (their gradient already sums the P ranks of the group,
+    whose tokens passed through them), divided by W as well.
+    """
     if not distributed():
         return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    groups = {}
+    for p in model.parameters():
+        if p.grad is None:  # e.g. experts that received no token: every rank must send the same sizes
+            p.grad = torch.zeros_like(p)
+        groups.setdefault(getattr(p, "replicas", None), []).append(p.grad)
+    for group, grads in groups.items():
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat, group=group)
+        flat /= dist.get_world_size()
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 @torch.no_grad()
@@ -72,9 +97,202 @@ def update_router_biases(model, rate):
     """
     stats = []
     for experts in model.routed_experts():
-        if distributed():
-            dist.all_reduce(experts.load)
+        if distributed():  # under HP each rank counted all tokens of its group for its heads
+            dist.all_reduce(experts.load, group=getattr(experts.route_bias, "replicas", None))
         load = experts.load
         stats.append((load.max(dim=-1).values / load.mean(dim=-1).clamp_min(1e-9)).max())
         experts.update_bias(rate)
-    return torch.stack(stats).tolist() if stats else []
+    if not stats:
+        return []
+    stats = torch.stack(stats)
+    if distributed():  # under HP each rank saw its own heads: report the worst head of all
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+    return stats.tolist()
+
+
+# -----------------------------------------------------------------------------
+# Layout: P-way expert or head parallelism times R-way data parallelism
+
+@dataclass
+class Layout:
+    mode: str          # "dp", "ep" or "hp"
+    size: int = 1      # P
+    index: int = 0     # this rank's place in its group of P
+    group: object = None     # the P ranks that share tokens through all-to-all
+    replicas: object = None  # the R ranks that hold the same expert shard
+
+
+def make_layout(mode, size, rank, world):
+    """Every rank must call this (new_group is collective). P = 1 is plain data parallel."""
+    if mode == "dp" or size == 1:
+        return Layout("dp")
+    groups = [dist.new_group(list(range(r * size, (r + 1) * size))) for r in range(world // size)]
+    replicas = [dist.new_group(list(range(i, world, size))) for i in range(size)]
+    return Layout(mode, size, rank % size, groups[rank // size], replicas[rank % size])
+
+
+def check_layout(mode, size, world, config):
+    """Fail before anything is allocated if P ranks cannot split this model."""
+    if mode not in ("dp", "ep", "hp"):
+        raise SystemExit(f"train.py: --parallel={mode!r} is unknown; choose dp, ep or hp")
+    if mode == "dp":
+        return
+    if size < 1 or world % size:
+        raise SystemExit(f"train.py: --parallel_size={size} must divide the world size {world}")
+    if mode == "hp" and config.ffn != "mh_latent_moe":
+        raise SystemExit(f"train.py: --parallel=hp needs ffn=mh_latent_moe (independent heads); "
+                         f"ffn={config.ffn!r} has one expert set per layer: use --parallel=ep")
+    if mode == "hp" and config.moe_heads % size:
+        raise SystemExit(f"train.py: --parallel=hp over P={size} ranks needs P to divide "
+                         f"moe_heads={config.moe_heads}; change moe_heads or --parallel_size")
+    if mode == "ep" and not config.is_moe:
+        raise SystemExit("train.py: --parallel=ep needs a MoE ffn; ffn='mlp' has no experts: use dp")
+    if mode == "ep" and config.n_expert % size:
+        raise SystemExit(f"train.py: --parallel=ep over P={size} ranks needs P to divide "
+                         f"n_expert={config.n_expert}; change n_expert or --parallel_size")
+
+
+def shard_model(model, layout):
+    """Keep this rank's expert shard of every MoE layer; remember how to gather it back."""
+    from model import MultiHeadLatentMoE, RoutedExperts
+    if layout.mode == "dp":
+        return
+    model.shard_dims = {}
+    for name, m in model.named_modules():
+        if isinstance(m, MultiHeadLatentMoE) and layout.mode == "hp":
+            m.head_parallel = HeadParallel(layout, m.moe_heads)
+            sharded = {"router": 0, "w1": 0, "w2": 0, "route_bias": 0, "load": 0}  # the heads
+        elif isinstance(m, RoutedExperts) and layout.mode == "ep":
+            m.expert_parallel = ExpertParallel(layout, m.n_expert // layout.size)
+            sharded = {"w1": 1, "w2": 1}  # the experts; routers stay whole and replicated
+        else:
+            continue
+        experts = m.experts if isinstance(m, MultiHeadLatentMoE) else m
+        prefix = f"{name}.experts." if isinstance(m, MultiHeadLatentMoE) else f"{name}."
+        for attr, dim in sharded.items():
+            setattr(experts, attr, take_shard(getattr(experts, attr), dim, layout))
+            getattr(experts, attr).replicas = layout.replicas
+            model.shard_dims[prefix + attr] = dim
+
+
+def take_shard(t, dim, layout):
+    piece = t.detach().chunk(layout.size, dim)[layout.index].clone()
+    return nn.Parameter(piece) if isinstance(t, nn.Parameter) else piece
+
+
+def gather_shard(t, dim, layout):
+    pieces = [torch.empty_like(t) for _ in range(layout.size)]
+    dist.all_gather(pieces, t.contiguous(), group=layout.group)
+    return torch.cat(pieces, dim)
+
+
+def full_state(model, optimizer, layout):
+    """The whole model and optimizer state, whatever P (collective: every rank calls it)."""
+    model_state, opt_state = model.state_dict(), optimizer.state_dict()
+    if layout.mode == "dp":
+        return model_state, opt_state
+    for name, dim in model.shard_dims.items():
+        if name in model_state:
+            model_state[name] = gather_shard(model_state[name], dim, layout)
+    opt_state["state"] = map_sharded_state(model, optimizer, opt_state["state"],
+                                           lambda t, dim: gather_shard(t, dim, layout))
+    return model_state, opt_state
+
+
+def load_full_state(model, optimizer, model_state, opt_state, layout):
+    """Load a full checkpoint into this rank's shard."""
+    if layout.mode != "dp":
+        model_state = dict(model_state)
+        for name, dim in model.shard_dims.items():
+            if name in model_state:
+                model_state[name] = model_state[name].chunk(layout.size, dim)[layout.index]
+        opt_state = {**opt_state, "state": map_sharded_state(
+            model, optimizer, opt_state["state"], lambda t, dim: t.chunk(layout.size, dim)[layout.index])}
+    model.load_state_dict(model_state)
+    optimizer.load_state_dict(opt_state)
+
+
+def map_sharded_state(model, optimizer, state, fn):
+    """A copy of the optimizer's per-parameter state with fn(tensor, dim) applied to sharded tensors."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    out = {}
+    for i, s in state.items():
+        dim = model.shard_dims.get(names[id(params[i])])
+        out[i] = {key: fn(v, dim) if dim is not None and torch.is_tensor(v) and v.dim() else v
+                  for key, v in s.items()}
+    return out
+
+
+# -----------------------------------------------------------------------------
+# All-to-all with autograd: the backward pass is the same exchange, reversed
+
+class AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad.new_empty((sum(ctx.in_splits), *grad.shape[1:]))
+        dist.all_to_all_single(out, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
+        return out, None, None, None
+
+
+class HeadParallel:
+    """Sec. 3.2: the all-to-all moves before routing; its splits are static and equal."""
+
+    def __init__(self, layout, moe_heads):
+        self.layout, self.moe_heads = layout, moe_heads
+        self.splits = None  # the last exchange's splits (rows per peer), kept for inspection
+
+    def dispatch(self, sub):
+        """(N, G*N_h, d_h), this rank's tokens -> (P*N, G*N_h/P, d_h), its heads of every rank's tokens."""
+        P, (N, _, dim) = self.layout.size, sub.shape
+        # rank p owns heads [p N_h/P, (p+1) N_h/P) of each of the G groups (sub-tokens, routing tokens)
+        parts = sub.view(N, -1, P, self.moe_heads // P, dim).permute(2, 0, 1, 3, 4)  # (P, N, G, N_h/P, d_h)
+        self.splits = [N] * P
+        out = AllToAll.apply(parts.reshape(P * N, -1, dim), self.splits, self.splits, self.layout.group)
+        return out  # rows: rank 0's tokens, rank 1's tokens, ...
+
+    def combine(self, y):
+        """(P*N, N_h/P, d_h) -> (N, N_h, d_h): every head's output for this rank's tokens."""
+        P, dim = self.layout.size, y.size(-1)
+        out = AllToAll.apply(y, self.splits, self.splits, self.layout.group)  # block q: heads of rank q
+        return out.view(P, -1, y.size(1), dim).transpose(0, 1).reshape(-1, P * y.size(1), dim)
+
+
+class ExpertParallel:
+    """Sec. 2.3: dispatch k copies of each (sub-)token to the ranks owning the chosen experts."""
+
+    def __init__(self, layout, local_experts):
+        self.layout, self.local_experts = layout, local_experts
+        self.splits = None  # (sent, received) rows per peer of the last exchange
+
+    def __call__(self, x, idx, gates, w1, w2):
+        # x: (N, S, d_h); idx, gates: (N, S, k); w1, w2: (S, N_e/P, d_e, d_h), this rank's experts
+        import kernels
+        N, S, dim = x.shape
+        k, E, group = idx.size(-1), self.local_experts, self.layout.group
+        owner = (idx // E).flatten()                          # rank of each (token, set, slot) pair
+        order = torch.argsort(owner, stable=True)
+        send = torch.bincount(owner, minlength=self.layout.size)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=group)       # the metadata all-to-all EP needs
+        send, recv = send.tolist(), recv.tolist()
+        self.splits = (send, recv)
+        rows = order // k                                     # row of x.view(N*S, d_h)
+        pair_set = rows % S
+        local = (pair_set * E + idx.flatten()[order] % E)     # expert in the owner's (S * N_e/P) list
+        local_recv = local.new_empty(sum(recv))
+        dist.all_to_all_single(local_recv, local, recv, send, group=group)
+        x_recv = AllToAll.apply(x.reshape(N * S, dim)[rows], recv, send, group)
+        ones = torch.ones(len(local_recv), 1, 1, device=x.device, dtype=x.dtype)
+        y_recv = kernels.expert_ffn(x_recv[:, None], local_recv.view(-1, 1, 1), ones,
+                                    w1.reshape(1, -1, *w1.shape[2:]), w2.reshape(1, -1, *w2.shape[2:]))
+        y = AllToAll.apply(y_recv[:, 0], send, recv, group) * gates.flatten()[order, None]
+        out = torch.zeros(N * S, dim, device=x.device, dtype=y.dtype).index_add(0, rows, y)
+        return out.view(N, S, dim)

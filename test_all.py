@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # run the Triton kernels on the CPU; must precede `import triton`
 
 import kernels
+import parallel
 import prepare
 import train
 from model import GPT, FFN_CLASSES, PRESETS, GPTConfig, MoE, MultiHeadLatentMoE, preset
@@ -535,3 +537,95 @@ def test_flex_expert_gradients_match_fp64_on_gpu(shape):
     assert torch.linalg.norm(out.double() - out64) / torch.linalg.norm(out64) < 1e-3
     for got, want in zip(grads, grads64):
         assert torch.linalg.norm(got.double() - want) / torch.linalg.norm(want) < 1e-3
+
+
+# -----------------------------------------------------------------------------
+# Expert Parallel and Head Parallel (gloo ranks spawned in-test) equal one process
+
+PAR = dict(SMALL, moe_heads=4, n_expert=8, topk=3)
+
+
+def parallel_worker(rank, world, mode, size, skew, store):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    config = small_config(**{**PAR, "ffn": "mh_latent_moe" if mode == "hp" else "moe"})
+    model = GPT(config)
+    if skew:  # every token picks experts 1, 2, 3, all owned by EP rank 0; other ranks get nothing
+        for m in model.routed_experts():
+            m.route_bias[:, 1:4] = torch.tensor([0.6, 0.5, 0.4])
+    x = torch.randint(0, 50257, (2 * world, config.block_size + 1), generator=torch.Generator().manual_seed(1))
+    reference = GPT(config)
+    reference.load_state_dict(model.state_dict())
+    ref_loss = reference(x[:, :-1], x[:, 1:])[1]
+    ref_loss.backward()
+    layout = parallel.make_layout(mode, size, rank, world)
+    parallel.shard_model(model, layout)
+    mine = x[2 * rank:2 * rank + 2]
+    loss = model(mine[:, :-1], mine[:, 1:])[1]
+    loss.backward()
+    parallel.average_gradients(model)
+    torch.testing.assert_close(parallel.mean_over_ranks(loss.detach()), ref_loss.detach(), rtol=1e-5, atol=0)
+    ref_grads = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        want = ref_grads[name].grad
+        dim = model.shard_dims.get(name)
+        if dim is not None:
+            want = want.chunk(layout.size, dim)[layout.index]
+        err = (torch.linalg.norm(p.grad - want) / torch.linalg.norm(want).clamp_min(1e-30)).item()
+        assert err < 1e-5, (name, err)
+    for m in model.modules():
+        ex = getattr(m, "head_parallel", None) or getattr(m, "expert_parallel", None)
+        if mode == "hp" and ex is not None:  # static, equal and routing-independent: N rows to each peer
+            assert ex.splits == [2 * config.block_size] * size
+        if mode == "ep" and ex is not None and skew:  # EP's traffic follows the routing
+            assert max(ex.splits[0]) > 2 * min(ex.splits[0]), ex.splits
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode,world,skew", [("hp", 2, False), ("hp", 4, False), ("hp", 2, True),
+                                             ("ep", 2, False), ("ep", 4, False), ("ep", 2, True)])
+def test_parallel_loss_and_gradients_equal_one_process(mode, world, skew):
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.multiprocessing.spawn(parallel_worker, args=(world, mode, world, skew, os.path.join(tmp, "store")),
+                                    nprocs=world)
+
+
+def test_head_parallel_with_data_parallel_replicas_equals_one_process():
+    with tempfile.TemporaryDirectory() as tmp:  # W = 4 ranks: P = 2 heads-groups x R = 2 replicas
+        torch.multiprocessing.spawn(parallel_worker, args=(4, "hp", 2, False, os.path.join(tmp, "store")), nprocs=4)
+
+
+@pytest.mark.parametrize("mode", ["hp", "ep"])
+def test_parallel_training_run_equals_one_rank(corpus, tmp_path, mode):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    kw = dict(max_steps=4, **PAR)
+    torchrun(1, run_args(corpus, one, batch_size=4, **kw))
+    torchrun(2, run_args(corpus, two, batch_size=2, parallel=mode, **kw))
+    np.testing.assert_allclose(losses(two), losses(one), rtol=1e-5)
+
+
+def test_checkpoint_from_two_head_parallel_ranks_resumes_on_one(corpus, tmp_path):
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    kw = dict(max_steps=4, ckpt_interval=3, keep_last_n=5, **PAR)
+    torchrun(2, run_args(corpus, two, batch_size=2, parallel="hp", **kw))
+    os.makedirs(one)
+    train.main(run_args(corpus, one, batch_size=4, resume=os.path.join(two, "ckpt_00000003.pt"), **kw))
+    np.testing.assert_allclose(losses(one)[-1], losses(two)[-1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode,size,world,kw,words", [
+    ("hp", 3, 3, {}, ["P=3", "moe_heads=4"]),
+    ("ep", 3, 3, {}, ["P=3", "n_expert=8"]),
+    ("hp", 2, 2, {"ffn": "moe"}, ["ffn='moe'", "--parallel=ep"]),
+    ("ep", 2, 2, {"ffn": "mlp"}, ["ffn='mlp'", "use dp"]),
+    ("hp", 3, 4, {}, ["--parallel_size=3", "world size 4"]),
+    ("tp", 2, 2, {}, ["--parallel='tp'"]),
+])
+def test_bad_parallel_setup_is_named(mode, size, world, kw, words):
+    config = small_config(**{**PAR, "ffn": "mh_latent_moe", **kw})
+    with pytest.raises(SystemExit) as e:
+        parallel.check_layout(mode, size, world, config)
+    for w in words:
+        assert w in str(e.value)

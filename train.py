@@ -41,6 +41,9 @@ DEFAULTS = dict(
     bias_update_rate=1e-3,     # u of the aux-loss-free load balancing
     # system
     device="auto", compile=False, seed=1337, peak_tflops=989.0,  # peak for MFU: H100 dense bf16
+    # parallelism: "dp" data parallel only; "ep" expert or "hp" head parallel over parallel_size
+    # ranks (0: all of them) times data parallel over the rest
+    parallel="dp", parallel_size=0,
 )
 
 
@@ -214,7 +217,11 @@ def load_checkpoint(resume, out_dir):
 
 def main(argv):
     a, config = parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    size = a["parallel_size"] or world
+    parallel.check_layout(a["parallel"], size, world, config)
     rank, world, device = parallel.init_distributed(a["device"])
+    layout = parallel.make_layout(a["parallel"], size, rank, world)
     master = rank == 0
     torch.manual_seed(a["seed"])
     steps_tokens = a["batch_size"] * config.block_size * world
@@ -223,8 +230,9 @@ def main(argv):
                          f"world_size x batch_size x block_size = {steps_tokens}; change one of them")
     accum = a["batch_tokens"] // steps_tokens
 
-    model = GPT(config).to(device)
+    model = GPT(config).to(device)  # every rank builds the same whole model from the seed ...
     active, total = model.num_params()
+    parallel.shard_model(model, layout)  # ... and keeps its own expert shard
     optimizer = model.configure_optimizer(a["weight_decay"], a["lr"], (a["beta1"], a["beta2"]),
                                           fused=device.type == "cuda")
     train_data = TokenStream(a["data_dir"], "train", a["batch_size"], config.block_size, rank, world,
@@ -238,8 +246,7 @@ def main(argv):
     if a["resume"]:
         path, ckpt = load_checkpoint(a["resume"], a["out_dir"])
         if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
+            parallel.load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"], layout)
             train_data.load_state_dict(ckpt["data"])
             torch.set_rng_state(ckpt["rng"])
             step = ckpt["step"]
@@ -249,6 +256,7 @@ def main(argv):
         os.makedirs(a["out_dir"], exist_ok=True)
         print(json.dumps(run_config))
         print(f"parameters: {active / 1e6:.1f}M active / {total / 1e6:.1f}M total | world {world} | "
+              f"{layout.mode} over {layout.size} rank(s) | "
               f"{accum} micro-batches of {a['batch_size']}x{config.block_size} per rank per step | "
               f"validation on {val_batches * steps_tokens:,} tokens")
     log = open(os.path.join(a["out_dir"], "log.jsonl"), "a", buffering=1) if master else None
@@ -264,7 +272,8 @@ def main(argv):
             log.write(json.dumps({"step": step, "val_loss": val}) + "\n")
 
     def checkpoint(step):
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+        model_state, opt_state = parallel.full_state(model, optimizer, layout)  # gathered: loads at any P
+        state = {"model": model_state, "optimizer": opt_state, "step": step,
                  "data": train_data.state_dict(), "rng": torch.get_rng_state(), "config": run_config}
         if master:
             save_checkpoint(a["out_dir"], step, state, a["keep_last_n"])
