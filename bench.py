@@ -4,6 +4,7 @@ The paper's per-component benchmarks (Sec. 4.2), on one GPU.
   python bench.py router     # Fig. 4: naive (matmul + topk) vs IO-aware Triton router
   python bench.py experts    # Fig. 5: grouped GEMM vs FlexAttention experts, plus a training shape
   python bench.py all
+  torchrun --standalone --nproc_per_node=2 bench.py a2a   # Fig. 3: EP vs HP all-to-all, P = 2 GPUs
 
 Each prints a markdown table and writes bench_results/<name>.json, .md and .png.
 Times are medians of CUDA-event timings after warm-up (triton.testing.do_bench);
@@ -18,6 +19,7 @@ import torch
 import triton
 
 import kernels
+import parallel
 
 OUT = os.environ.get("BENCH_OUT", "bench_results")
 
@@ -168,11 +170,87 @@ def bench_experts(shapes=((2048, 64, 256), (2048, 256, 128), (2048, 1024, 128), 
         {"forward": "ms", "forward+backward": "ms"}))
 
 
-BENCHES = {"router": bench_router, "experts": bench_experts}
+# -----------------------------------------------------------------------------
+# Fig. 3: dispatch + combine of EP and HP, 16 x 2048 tokens per rank, d = 1024, bf16
+
+def zipf_routing(tokens, n_expert, k, s, generator):
+    """k distinct experts per token, expert e drawn with probability ~ (e + 1)^-s (s = 0: uniform)."""
+    probs = (torch.arange(n_expert, dtype=torch.float32) + 1) ** -float(s)
+    return torch.multinomial(probs.expand(tokens, -1), k, generator=generator)
+
+
+def timed_collective(fn, iters=20):
+    """(ms, extra peak MiB), each the max over ranks: a collective is as slow as its slowest rank."""
+    import torch.distributed as dist
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(iters):
+        dist.barrier()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    out = torch.tensor([sorted(times)[iters // 2], (torch.cuda.max_memory_allocated() - base) / 2 ** 20],
+                       device="cuda")
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out.tolist()
+
+
+def bench_a2a(tokens=16 * 2048, dim=1024, heads=8, n_expert=384, ks=(1, 2, 4, 8), skews=(0, 1, 2)):
+    rank, world, _ = parallel.init_distributed("cuda")
+    if world < 2:
+        sys.exit("bench.py a2a: run it under torchrun with 2 or more GPUs")
+    layout = parallel.make_layout("hp", world, rank, world)
+    hp = parallel.HeadParallel(layout, heads)
+    ep = parallel.ExpertParallel(layout, n_expert // world)
+    x = torch.randn(tokens, 1, dim, device="cuda", dtype=torch.bfloat16)
+    sub = x.view(tokens, heads, dim // heads)  # HP moves the same bytes, split into heads
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for k in ks:
+        for s in skews:
+            idx = zipf_routing(tokens, n_expert, k, s, gen).view(tokens, 1, k).cuda()
+            gates = torch.ones(tokens, 1, k, device="cuda", dtype=torch.bfloat16)
+            row = {"k": k, "zipf s": s}
+            row["EP ms"], row["EP MiB"] = timed_collective(lambda: ep.combine(ep.dispatch(x, idx)[0], gates))
+            row["HP ms"], row["HP MiB"] = timed_collective(lambda: hp.combine(hp.dispatch(sub)))
+            row["EP rows to busiest rank"] = max(ep.splits[1]) if rank == 0 else None
+            row["HP / EP time"] = row["HP ms"] / row["EP ms"]
+            rows.append(row)
+    if rank == 0:
+        cols = ["k", "zipf s", "EP ms", "HP ms", "HP / EP time", "EP MiB", "HP MiB", "EP rows to busiest rank"]
+
+        def plot(rows, path):
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+            fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+            for ax, unit in zip(axes, ("ms", "MiB")):
+                for s in skews:
+                    pts = [r for r in rows if r["zipf s"] == s]
+                    ax.plot([r["k"] for r in pts], [r[f"EP {unit}"] for r in pts], "o-", label=f"EP, zipf {s}")
+                    ax.plot([r["k"] for r in pts], [r[f"HP {unit}"] for r in pts], "s--", label=f"HP, zipf {s}")
+                ax.set(xlabel="k", ylabel=unit, title=f"dispatch + combine, {world} GPUs", xscale="log")
+                ax.legend(fontsize=7)
+            fig.tight_layout()
+            fig.savefig(path, dpi=120)
+        report("a2a", rows, cols, plot)
+    parallel.shutdown()
+
+
+BENCHES = {"router": bench_router, "experts": bench_experts, "a2a": bench_a2a}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or ["all"]
-    for name in (BENCHES if names == ["all"] else names):
+    for name in ([n for n in BENCHES if n != "a2a"] if names == ["all"] else names):
         if name not in BENCHES:
             sys.exit(f"bench.py: unknown benchmark {name!r}; choose from {', '.join(BENCHES)} or all")
         if not torch.cuda.is_available():

@@ -275,24 +275,34 @@ class ExpertParallel:
     def __call__(self, x, idx, gates, w1, w2):
         # x: (N, S, d_h); idx, gates: (N, S, k); w1, w2: (S, N_e/P, d_e, d_h), this rank's experts
         import kernels
+        x_recv, local = self.dispatch(x, idx)
+        ones = torch.ones(len(local), 1, 1, device=x.device, dtype=x.dtype)
+        y = kernels.expert_ffn(x_recv[:, None], local.view(-1, 1, 1), ones,  # experts of all S sets
+                               w1.reshape(1, -1, *w1.shape[2:]), w2.reshape(1, -1, *w2.shape[2:]))
+        return self.combine(y[:, 0], gates)
+
+    def dispatch(self, x, idx):
+        """Send each (token, set, slot) pair's sub-token to its expert's owner; returns the received
+        rows and their expert in the owner's flat list of S * N_e/P experts."""
         N, S, dim = x.shape
         k, E, group = idx.size(-1), self.local_experts, self.layout.group
-        owner = (idx // E).flatten()                          # rank of each (token, set, slot) pair
-        order = torch.argsort(owner, stable=True)
+        owner = (idx // E).flatten()
+        self.order = torch.argsort(owner, stable=True)
         send = torch.bincount(owner, minlength=self.layout.size)
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=group)       # the metadata all-to-all EP needs
-        send, recv = send.tolist(), recv.tolist()
-        self.splits = (send, recv)
-        rows = order // k                                     # row of x.view(N*S, d_h)
-        pair_set = rows % S
-        local = (pair_set * E + idx.flatten()[order] % E)     # expert in the owner's (S * N_e/P) list
-        local_recv = local.new_empty(sum(recv))
-        dist.all_to_all_single(local_recv, local, recv, send, group=group)
-        x_recv = AllToAll.apply(x.reshape(N * S, dim)[rows], recv, send, group)
-        ones = torch.ones(len(local_recv), 1, 1, device=x.device, dtype=x.dtype)
-        y_recv = kernels.expert_ffn(x_recv[:, None], local_recv.view(-1, 1, 1), ones,
-                                    w1.reshape(1, -1, *w1.shape[2:]), w2.reshape(1, -1, *w2.shape[2:]))
-        y = AllToAll.apply(y_recv[:, 0], send, recv, group) * gates.flatten()[order, None]
-        out = torch.zeros(N * S, dim, device=x.device, dtype=y.dtype).index_add(0, rows, y)
+        dist.all_to_all_single(recv, send, group=group)  # the metadata exchange HP does without
+        self.splits = (send.tolist(), recv.tolist())
+        self.rows, self.shape = self.order // k, (N, S, dim)  # pair -> row of x.view(N*S, d_h)
+        local = (self.rows % S) * E + idx.flatten()[self.order] % E
+        local_recv = local.new_empty(sum(self.splits[1]))
+        dist.all_to_all_single(local_recv, local, self.splits[1], self.splits[0], group=group)
+        x_recv = AllToAll.apply(x.reshape(N * S, dim)[self.rows], self.splits[1], self.splits[0], group)
+        return x_recv, local_recv
+
+    def combine(self, y_recv, gates):
+        """Return the experts' outputs to their tokens; sum them weighted by the gates (Eq. 1)."""
+        N, S, dim = self.shape
+        y = AllToAll.apply(y_recv, self.splits[0], self.splits[1], self.layout.group)
+        y = y * gates.flatten()[self.order, None].to(y.dtype)
+        out = torch.zeros(N * S, dim, device=y.device, dtype=y.dtype).index_add(0, self.rows, y)
         return out.view(N, S, dim)

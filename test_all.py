@@ -545,28 +545,38 @@ def test_flex_expert_gradients_match_fp64_on_gpu(shape):
 PAR = dict(SMALL, moe_heads=4, n_expert=8, topk=3)
 
 
-def parallel_worker(rank, world, mode, size, skew, store):
+def parallel_worker(rank, world, mode, size, skew, store, backend="gloo"):
     import torch.distributed as dist
+    from contextlib import nullcontext
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    gpu = backend == "nccl"
+    device = f"cuda:{rank}" if gpu else "cpu"
+    if gpu:
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
+    autocast = torch.autocast("cuda", torch.bfloat16) if gpu else nullcontext()
+    rtol = 3e-2 if gpu else 1e-5  # bf16 under NCCL, fp32 under gloo
     torch.manual_seed(0)
     config = small_config(**{**PAR, "ffn": "mh_latent_moe" if mode == "hp" else "moe"})
-    model = GPT(config)
+    model = GPT(config).to(device)
     if skew:  # every token picks experts 1, 2, 3, all owned by EP rank 0; other ranks get nothing
         for m in model.routed_experts():
             m.route_bias[:, 1:4] = torch.tensor([0.6, 0.5, 0.4])
     x = torch.randint(0, 50257, (2 * world, config.block_size + 1), generator=torch.Generator().manual_seed(1))
-    reference = GPT(config)
+    x = x.to(device)
+    reference = GPT(config).to(device)
     reference.load_state_dict(model.state_dict())
-    ref_loss = reference(x[:, :-1], x[:, 1:])[1]
+    with autocast:
+        ref_loss = reference(x[:, :-1], x[:, 1:])[1]
     ref_loss.backward()
     layout = parallel.make_layout(mode, size, rank, world)
     parallel.shard_model(model, layout)
     mine = x[2 * rank:2 * rank + 2]
-    loss = model(mine[:, :-1], mine[:, 1:])[1]
+    with autocast:
+        loss = model(mine[:, :-1], mine[:, 1:])[1]
     loss.backward()
     parallel.average_gradients(model)
-    torch.testing.assert_close(parallel.mean_over_ranks(loss.detach()), ref_loss.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(parallel.mean_over_ranks(loss.detach()), ref_loss.detach(), rtol=rtol, atol=0)
     ref_grads = dict(reference.named_parameters())
     for name, p in model.named_parameters():
         want = ref_grads[name].grad
@@ -574,7 +584,7 @@ def parallel_worker(rank, world, mode, size, skew, store):
         if dim is not None:
             want = want.chunk(layout.size, dim)[layout.index]
         err = (torch.linalg.norm(p.grad - want) / torch.linalg.norm(want).clamp_min(1e-30)).item()
-        assert err < 1e-5, (name, err)
+        assert err < rtol, (name, err)
     for m in model.modules():
         ex = getattr(m, "head_parallel", None) or getattr(m, "expert_parallel", None)
         if mode == "hp" and ex is not None:  # static, equal and routing-independent: N rows to each peer
@@ -590,6 +600,14 @@ def test_parallel_loss_and_gradients_equal_one_process(mode, world, skew):
     with tempfile.TemporaryDirectory() as tmp:
         torch.multiprocessing.spawn(parallel_worker, args=(world, mode, world, skew, os.path.join(tmp, "store")),
                                     nprocs=world)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs 2 GPUs")
+@pytest.mark.parametrize("mode", ["hp", "ep"])
+def test_parallel_equals_one_process_under_nccl_in_bf16(mode):
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.multiprocessing.spawn(parallel_worker, args=(2, mode, 2, False, os.path.join(tmp, "store"), "nccl"),
+                                    nprocs=2)
 
 
 def test_head_parallel_with_data_parallel_replicas_equals_one_process():
