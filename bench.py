@@ -116,20 +116,6 @@ def bench_router(B=40, T=2048, n_heads=8, dim=128, k=4, experts=(64, 256, 1024, 
 # -----------------------------------------------------------------------------
 # Fig. 5: experts, 8 heads of d_h=128, k=4
 
-def grouped_gemm_experts(x, idx, gates, w1, w2):
-    """The grouped-GEMM baseline: torch._grouped_mm per head over the clustered pairs."""
-    N, n_heads, dim = x.shape
-    k, n_expert = idx.size(-1), w1.size(1)
-    order, counts = kernels.cluster_by_expert(idx, n_expert)
-    rows = order // k
-    offs = torch.cumsum(counts.view(n_heads, n_expert), -1).int()
-    xs = x.reshape(N * n_heads, dim)[rows].view(n_heads, N * k, dim)
-    ys = [torch._grouped_mm(torch.nn.functional.gelu(torch._grouped_mm(xs[h], w1[h].transpose(1, 2), offs=offs[h])),
-                            w2[h], offs=offs[h]) for h in range(n_heads)]
-    y = torch.cat(ys) * gates.flatten()[order, None]
-    return torch.zeros(N * n_heads, dim, device=x.device, dtype=y.dtype).index_add(0, rows, y).view(N, n_heads, dim)
-
-
 def bench_experts(shapes=((2048, 64, 256), (2048, 256, 128), (2048, 1024, 128), (2048, 4096, 128),
                           (32768, 384, 256)), n_heads=8, dim=128, k=4):
     rows = []
@@ -145,7 +131,7 @@ def bench_experts(shapes=((2048, 64, 256), (2048, 256, 128), (2048, 1024, 128), 
         want = kernels.expert_ffn_reference(*(t.float() if t.is_floating_point() else t for t in inputs))
         useful = 4 * tokens * k * expert_dim * dim * n_heads  # forward flops
         row = {"tokens/head": tokens, "N_e": n_expert, "d_e": expert_dim}
-        ffns = {"flex": kernels.expert_ffn_flex, "grouped_mm": grouped_gemm_experts}
+        ffns = {"flex": kernels.expert_ffn_flex, "grouped_mm": kernels.expert_ffn_grouped}
         if n_heads * n_expert <= 4096:  # the plain per-expert loop is a Python loop over groups
             ffns["plain"] = kernels.expert_ffn_reference
         for name, ffn in ffns.items():

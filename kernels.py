@@ -247,8 +247,28 @@ def expert_ffn(x, idx, gates, w1, w2):
     FlexAttention on CUDA, the plain twin elsewhere.
     """
     check_expert_args(x, idx, gates, w1, w2)
-    ffn = expert_ffn_flex if x.is_cuda and x.size(0) else expert_ffn_reference
-    return ffn(x, idx, gates, w1, w2)
+    if not x.is_cuda or x.size(0) == 0:
+        return expert_ffn_reference(x, idx, gates, w1, w2)
+    if x.size(-1) <= FLEX_MAX_DIM:
+        return expert_ffn_flex(x, idx, gates, w1, w2)
+    return expert_ffn_grouped(x, idx, gates, w1, w2)  # sub-tokens too wide for attention kernels
+
+
+def expert_ffn_grouped(x, idx, gates, w1, w2):
+    """Grouped GEMM over the clustered pairs, one torch._grouped_mm pair per head (CUDA, bf16).
+    The baseline of bench.py, and the path for d_h above FlexAttention's limit (MoE at width d)."""
+    N, n_sets, dim = x.shape
+    k, n_expert = idx.size(-1), w1.size(1)
+    order, counts = cluster_by_expert(idx, n_expert)
+    rows = order // k
+    ends = torch.cumsum(counts.view(n_sets, n_expert), -1).int()
+    w1, w2 = w1.to(x.dtype), w2.to(x.dtype)  # bf16 under autocast
+    xs = x.reshape(N * n_sets, dim)[rows].view(n_sets, N * k, dim)
+    ys = [torch._grouped_mm(F.gelu(torch._grouped_mm(xs[h], w1[h].transpose(1, 2), offs=ends[h])),
+                            w2[h], offs=ends[h]) for h in range(n_sets)]
+    y = torch.cat(ys) * gates.flatten()[order, None].to(x.dtype)
+    out = torch.zeros(N * n_sets, dim, device=x.device, dtype=y.dtype).index_add(0, rows, y)
+    return out.view(N, n_sets, dim)
 
 
 def expert_ffn_reference(x, idx, gates, w1, w2):
@@ -278,6 +298,7 @@ def expert_ffn_reference(x, idx, gates, w1, w2):
 # c is just above -min gelu = 0.17, as small as log() allows.
 GELU_OFFSET = 0.2
 FLEX_BLOCK = 128
+FLEX_MAX_DIM = 256  # FlexAttention's largest head dimension
 
 
 def expert_block_mask(q_expert, expert_dim, kv_len):
