@@ -35,7 +35,11 @@ def topk_route(x, weight, bias, k):
     The IO-aware Triton kernels on CUDA, the plain twin elsewhere.
     """
     check_route_args(x, weight, bias, k)
-    route = topk_route_triton if x.is_cuda else topk_route_reference
+    # the kernel keeps a block of sub-tokens on chip (Alg. 1 line 3), which fits up to
+    # d_h = 256; a single-head MoE routing at width d has only T x N_e scores in all,
+    # N_h times fewer than the multi-head case, and takes the plain path
+    fits = weight.size(1) <= ROUTE_MAX_DIM
+    route = topk_route_triton if x.is_cuda and fits else topk_route_reference
     return route(x, weight, bias, k)
 
 
@@ -155,6 +159,7 @@ def _route_dw_kernel(X, DS, Order, Starts, DWT, n_heads, n_expert, sx_n, sx_h, s
 
 
 ROUTE = dict(BLOCK_N=128, BLOCK_E=64, num_warps=8, precision="ieee")  # best exact config of a sweep on an H100
+ROUTE_MAX_DIM = 256
 ROUTE_BLOCK_P = 64   # pairs per step of the dW segmented reduction
 ROUTE_DX_BLOCK_N = 64  # tokens per dX program: a (64, d_h) fp32 accumulator stays in registers
 

@@ -557,7 +557,7 @@ def test_flex_expert_gradients_match_fp64_on_gpu(shape):
 PAR = dict(SMALL, moe_heads=4, n_expert=8, topk=3)
 
 
-def parallel_worker(rank, world, mode, size, skew, store, backend="gloo"):
+def parallel_worker(rank, world, mode, size, skew, store, backend="gloo", ffn=None):
     import torch.distributed as dist
     from contextlib import nullcontext
     torch.set_num_threads(1)
@@ -569,7 +569,7 @@ def parallel_worker(rank, world, mode, size, skew, store, backend="gloo"):
     autocast = torch.autocast("cuda", torch.bfloat16) if gpu else nullcontext()
     rtol = 3e-2 if gpu else 1e-5  # bf16 under NCCL, fp32 under gloo
     torch.manual_seed(0)
-    config = small_config(**{**PAR, "ffn": "mh_latent_moe" if mode == "hp" else "moe"})
+    config = small_config(**{**PAR, "ffn": ffn or ("mh_latent_moe" if mode == "hp" else "moe")})
     model = GPT(config).to(device)
     if skew:  # every token picks experts 1, 2, 3, all owned by EP rank 0; other ranks get nothing
         for m in model.routed_experts():
@@ -619,6 +619,13 @@ def test_parallel_loss_and_gradients_equal_one_process(mode, world, skew):
 def test_parallel_equals_one_process_under_nccl_in_bf16(mode):
     with tempfile.TemporaryDirectory() as tmp:
         torch.multiprocessing.spawn(parallel_worker, args=(2, mode, 2, False, os.path.join(tmp, "store"), "nccl"),
+                                    nprocs=2)
+
+
+@pytest.mark.parametrize("ffn", ["latent_moe", "mh_latent_moe"])
+def test_expert_parallel_of_latent_and_multi_head_models_equals_one_process(ffn):
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.multiprocessing.spawn(parallel_worker, args=(2, "ep", 2, False, os.path.join(tmp, "store"), "gloo", ffn),
                                     nprocs=2)
 
 
