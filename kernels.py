@@ -295,13 +295,13 @@ def expert_ffn_reference(x, idx, gates, w1, w2):
 # Sec. 3.4: the experts as block-sparse attention. Q = the clustered sub-tokens,
 # K = rows of W1, V = rows of W2, a mask "query's expert == key's expert".
 # With score_mod log(gelu(s) + c) and scale 1, FlexAttention returns
-#   O' = sum_j (gelu(s_j) + c) V_j / l   and   log l,   l = sum_j (gelu(s_j) + c).
-# The paper takes c = 1 and V = W2, then subtracts c sum_j W2_j from O' l; in bf16
-# that cancels badly (c sum_j W2_j dwarfs the result). We centre each expert's
-# rows, V = W2 - m with m their mean, so that c sum_j V_j = 0 and O' holds only
-# the wanted signal, and add back m sum_j gelu(s_j) = m (l - c d_e) in fp32.
-# c is just above -min gelu = 0.17, as small as log() allows.
-GELU_OFFSET = 0.2
+#   O' = sum_j (gelu(s_j) + c) V_j / l   and   log l,   l = sum_j (gelu(s_j) + c),
+# so gelu(x W1^T) W2 = O' l - c sum_j V_j exactly. In bf16 the kernel rounds each
+# weight gelu(s_j) + c and the output O'; both errors scale with c against the
+# signal gelu(s), so c should be as small as log() allows: just above the GELU
+# minimum, -0.17 (the paper takes c = 1). V stays W2 itself: any change to it
+# (centring its rows, say) is rounded in bf16 and then amplified the same way.
+GELU_OFFSET = 0.18
 FLEX_BLOCK = 128
 FLEX_MAX_DIM = 256  # FlexAttention's largest head dimension
 
@@ -355,15 +355,15 @@ def expert_ffn_flex(x, idx, gates, w1, w2):
     rows = order // k                                    # rows of x.view(N * N_h, d_h)
     q_expert = idx.flatten()[order]                      # (N_h, N*k), ascending per head
     q = x.reshape(N * n_heads, dim)[rows]                # (N_h, N*k, d_h): the clustered sub-tokens
-    mean = w2.mean(dim=2, keepdim=True)                  # (N_h, N_e, 1, d_h)
-    keys = w1.reshape(n_heads, n_expert * expert_dim, dim)
-    values = (w2 - mean).reshape(n_heads, n_expert * expert_dim, dim)
+    keys = w1.reshape(n_heads, n_expert * expert_dim, dim).to(q.dtype)
+    values = w2.reshape(n_heads, n_expert * expert_dim, dim).to(q.dtype)
     mask = expert_block_mask(q_expert, expert_dim, n_expert * expert_dim)
-    out, lse = flex(q[None], keys[None].to(q.dtype), values[None].to(q.dtype),
-                              score_mod=gelu_log_score, block_mask=mask, scale=1.0, return_lse=True)
+    out, lse = flex(q[None], keys[None], values[None],
+                    score_mod=gelu_log_score, block_mask=mask, scale=1.0, return_lse=True)
     norm = lse[0].float().exp()[..., None]               # l, (N_h, N*k, 1)
+    v_sum = values.float().view(n_heads, n_expert, expert_dim, dim).sum(2)  # sum_j V_j, fp32
     head = torch.arange(n_heads, device=x.device)[:, None]
-    y = out[0].float() * norm + mean[head, q_expert, 0].float() * (norm - GELU_OFFSET * expert_dim)
+    y = out[0].float() * norm - GELU_OFFSET * v_sum[head, q_expert]
     y = y * gates.flatten()[order][..., None].float()
     result = torch.zeros(N * n_heads, dim, device=x.device, dtype=torch.float32)
     return result.index_add(0, rows.flatten(), y.view(-1, dim)).to(x.dtype).view(N, n_heads, dim)
