@@ -361,9 +361,12 @@ def expert_ffn_flex(x, idx, gates, w1, w2):
     out, lse = flex(q[None], keys[None], values[None],
                     score_mod=gelu_log_score, block_mask=mask, scale=1.0, return_lse=True)
     norm = lse[0].float().exp()[..., None]               # l, (N_h, N*k, 1)
-    v_sum = values.float().view(n_heads, n_expert, expert_dim, dim).sum(2)  # sum_j V_j, fp32
+    correction = -GELU_OFFSET * values.view(n_heads, n_expert, expert_dim, dim).sum(2, dtype=torch.float32)
     head = torch.arange(n_heads, device=x.device)[:, None]
-    y = out[0].float() * norm - GELU_OFFSET * v_sum[head, q_expert]
-    y = y * gates.flatten()[order][..., None].float()
-    result = torch.zeros(N * n_heads, dim, device=x.device, dtype=torch.float32)
-    return result.index_add(0, rows.flatten(), y.view(-1, dim)).to(x.dtype).view(N, n_heads, dim)
+    y = torch.addcmul(correction[head, q_expert], out[0].float(), norm)     # O' l - c sum_j V_j
+    y = (y * gates.flatten()[order][..., None]).to(x.dtype)
+    # un-cluster with a gather (each pair has one slot) and sum the k slots: no atomics
+    flat_order = order.flatten()
+    inverse = torch.empty_like(flat_order)
+    inverse[flat_order] = torch.arange(len(flat_order), device=x.device)
+    return y.view(-1, dim)[inverse].view(N, n_heads, k, dim).sum(2, dtype=torch.float32).to(x.dtype)
