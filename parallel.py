@@ -155,9 +155,6 @@ def check_layout(mode, size, world, config):
 def shard_model(model, layout):
     """Keep this rank's expert shard of every MoE layer; remember how to gather it back."""
     from model import MultiHeadLatentMoE, RoutedExperts
-    if layout.mode == "dp":
-        return
-    model.shard_dims = {}
     for name, m in model.named_modules():
         if isinstance(m, MultiHeadLatentMoE) and layout.mode == "hp":
             m.head_parallel = HeadParallel(layout, m.moe_heads)
@@ -189,8 +186,6 @@ def gather_shard(t, dim, layout):
 def full_state(model, optimizer, layout):
     """The whole model and optimizer state, whatever P (collective: every rank calls it)."""
     model_state, opt_state = model.state_dict(), optimizer.state_dict()
-    if layout.mode == "dp":
-        return model_state, opt_state
     for name, dim in model.shard_dims.items():
         if name in model_state:
             model_state[name] = gather_shard(model_state[name], dim, layout)
@@ -201,13 +196,12 @@ def full_state(model, optimizer, layout):
 
 def load_full_state(model, optimizer, model_state, opt_state, layout):
     """Load a full checkpoint into this rank's shard."""
-    if layout.mode != "dp":
-        model_state = dict(model_state)
-        for name, dim in model.shard_dims.items():
-            if name in model_state:
-                model_state[name] = model_state[name].chunk(layout.size, dim)[layout.index]
-        opt_state = {**opt_state, "state": map_sharded_state(
-            model, optimizer, opt_state["state"], lambda t, dim: t.chunk(layout.size, dim)[layout.index])}
+    model_state = dict(model_state)
+    for name, dim in model.shard_dims.items():
+        if name in model_state:
+            model_state[name] = model_state[name].chunk(layout.size, dim)[layout.index]
+    opt_state = {**opt_state, "state": map_sharded_state(
+        model, optimizer, opt_state["state"], lambda t, dim: t.chunk(layout.size, dim)[layout.index])}
     model.load_state_dict(model_state)
     optimizer.load_state_dict(opt_state)
 
