@@ -666,3 +666,14 @@ def test_bad_parallel_setup_is_named(mode, size, world, kw, words):
         parallel.check_layout(mode, size, world, config)
     for w in words:
         assert w in str(e.value)
+
+
+def test_missing_backend_or_device_is_named(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(torch.distributed, "is_backend_available", lambda backend: False)
+    with pytest.raises(SystemExit, match="the gloo backend is not available"):
+        parallel.init_distributed("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--device=cuda but no CUDA device is visible"):
+            parallel.init_distributed("cuda")
