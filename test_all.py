@@ -352,14 +352,31 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(corpus, tmp_path):
     assert losses(straight) == losses(resumed)
 
 
-def test_damaged_checkpoint_falls_back_to_the_previous_one(corpus, tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["truncated", "bit_flip", "no_checksum"])
+def test_damaged_checkpoint_falls_back_to_the_previous_one(corpus, tmp_path, capsys, damage):
     out = str(tmp_path)
     train.main(run_args(corpus, out, ckpt_interval=3, keep_last_n=5))
-    with open(os.path.join(out, "ckpt_00000006.pt"), "r+b") as f:
-        f.truncate(100)
+    newest = os.path.join(out, "ckpt_00000006.pt")
+    if damage == "truncated":
+        with open(newest, "r+b") as f:
+            f.truncate(100)
+    elif damage == "bit_flip":  # same size, one byte changed in the middle
+        with open(newest, "r+b") as f:
+            f.seek(os.path.getsize(newest) // 2)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0x10]))
+    else:  # as if the run died between writing the checkpoint and its checksum
+        os.remove(newest + ".crc")
     path, ckpt = train.load_checkpoint("auto", out)
     assert path.endswith("ckpt_00000003.pt") and ckpt["step"] == 3
-    assert "ckpt_00000006.pt cannot be read" in capsys.readouterr().out
+    assert "ckpt_00000006.pt cannot be used" in capsys.readouterr().out
+
+
+def test_only_the_last_n_checkpoints_are_kept(corpus, tmp_path):
+    train.main(run_args(corpus, str(tmp_path), ckpt_interval=1, keep_last_n=2))
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("ckpt_")) == [
+        "ckpt_00000005.pt", "ckpt_00000005.pt.crc", "ckpt_00000006.pt", "ckpt_00000006.pt.crc"]
 
 
 def torchrun(nproc, args, timeout=300):

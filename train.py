@@ -16,8 +16,10 @@ import glob
 import json
 import math
 import os
+import signal
 import sys
 import time
+import zlib
 from contextlib import nullcontext
 
 import numpy as np
@@ -32,6 +34,9 @@ DEFAULTS = dict(
     data_dir="data/fineweb", out_dir="out",
     resume="",                 # "" starts fresh, "auto" takes the newest good checkpoint in out_dir, or a path
     ckpt_interval=1000, keep_last_n=2,
+    max_bad_steps=10,          # consecutive non-finite steps (skipped) before the run stops
+    collapse_share=0.5, collapse_steps=100,  # warn when one expert takes this share of a layer for so long
+    deterministic=False,       # bitwise-repeatable runs (torch.use_deterministic_algorithms)
     eval_interval=500, eval_tokens=2_097_152, log_interval=10,
     # batch: micro-batches of batch_size sequences, accumulated to batch_tokens per step
     batch_size=16, batch_tokens=655_360,
@@ -95,7 +100,7 @@ def check_args(a):
     def bad(key, fix):
         raise SystemExit(f"train.py: --{key}={a[key]!r} is invalid: {fix}")
     for key in ("batch_size", "batch_tokens", "max_steps", "log_interval", "eval_interval",
-                "ckpt_interval", "keep_last_n", "eval_tokens"):
+                "ckpt_interval", "keep_last_n", "eval_tokens", "max_bad_steps", "collapse_steps"):
         if a[key] < 1:
             bad(key, "it must be at least 1")
     if a["warmup_steps"] < 0 or a["decay_steps"] < 0:
@@ -191,32 +196,66 @@ def evaluate(model, stream, n_batches, autocast, device):
     return parallel.mean_over_ranks(total / n_batches).item()
 
 
+def file_crc(path):
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return {"bytes": os.path.getsize(path), "crc32": crc}
+
+
 def save_checkpoint(out_dir, step, state, keep_last_n):
+    """Atomic (temp file + rename) and checksummed: a crash mid-write leaves older checkpoints intact."""
     path = os.path.join(out_dir, f"ckpt_{step:08d}.pt")
     torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: a crash mid-write leaves the older checkpoints intact
+    with open(path + ".crc.tmp", "w") as f:
+        json.dump(file_crc(path + ".tmp"), f)
+    os.replace(path + ".crc.tmp", path + ".crc")
+    os.replace(path + ".tmp", path)
     for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-keep_last_n]:
         os.remove(old)
+        os.remove(old + ".crc")
     return path
 
 
 def load_checkpoint(resume, out_dir):
-    """The checkpoint named by --resume, or with 'auto' the newest one that loads."""
+    """The checkpoint named by --resume, or with 'auto' the newest one that is intact."""
     paths = [resume] if resume != "auto" else sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[::-1]
     for path in paths:
         try:
+            with open(path + ".crc") as f:
+                if json.load(f) != file_crc(path):
+                    raise ValueError("size or checksum differs from the one written with it")
             return path, torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:  # a damaged file: report it and fall back to an older one
-            print(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); trying an older one")
+            print(f"checkpoint {path} cannot be used ({type(e).__name__}: {e}); trying an older one")
     if resume != "auto":
         raise SystemExit(f"train.py: --resume={resume!r} could not be loaded")
     return None, None
+
+
+class CollapseWatch:
+    """Says when one expert takes more than `share` of a layer's routed tokens for `steps` steps in a row."""
+
+    def __init__(self, share, steps):
+        self.share, self.steps, self.runs = share, steps, {}
+
+    def update(self, step, shares):
+        for layer, s in enumerate(shares):
+            self.runs[layer] = self.runs.get(layer, 0) + 1 if s > self.share else 0
+            if self.runs[layer] == self.steps:
+                print(f"warning: step {step}: in MoE layer {layer} one expert has taken more than "
+                      f"{self.share:.0%} of the tokens for {self.steps} steps (routing collapse; "
+                      f"a larger --bias_update_rate or a longer warmup helps)", flush=True)
 
 
 # -----------------------------------------------------------------------------
 
 def main(argv):
     a, config = parse_args(argv)
+    if a["deterministic"]:  # what it costs: README, "Reliability"
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     size = a["parallel_size"] or world
     parallel.check_layout(a["parallel"], size, world, config)
@@ -278,7 +317,11 @@ def main(argv):
         if master:
             save_checkpoint(a["out_dir"], step, state, a["keep_last_n"])
 
-    t0 = time.time()
+    interrupted = []  # SIGTERM / SIGINT: finish the step, save, stop
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: interrupted.append(signum))
+    watch = CollapseWatch(a["collapse_share"], a["collapse_steps"])
+    bad_steps, t0 = 0, time.time()
     while step < a["max_steps"]:
         if step % a["eval_interval"] == 0:
             t_eval = time.time()
@@ -296,11 +339,25 @@ def main(argv):
             loss_sum += loss.detach()
         parallel.average_gradients(model)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a["grad_clip"])
-        optimizer.step()
+        # one all-reduce tells every rank the global loss and whether any rank was signalled
+        loss, stop = parallel.mean_over_ranks(
+            torch.stack([loss_sum / accum, torch.tensor(float(bool(interrupted)), device=device)])).tolist()
+        finite = math.isfinite(loss) and math.isfinite(norm.item())
+        if finite:
+            optimizer.step()
+            bad_steps = 0
+        else:  # skip the update: weights and optimizer state stay as they were
+            bad_steps += 1
+            for experts in model.routed_experts():
+                experts.load.zero_()
         optimizer.zero_grad(set_to_none=True)
-        load = parallel.update_router_biases(model, a["bias_update_rate"])
+        load = parallel.update_router_biases(model, a["bias_update_rate"]) if finite else []
         step += 1
-        loss = parallel.mean_over_ranks(loss_sum / accum).item()
+        if master and not finite:
+            print(f"step {step}: non-finite loss {loss} or gradient norm {norm.item()}; update skipped "
+                  f"({bad_steps} in a row, the run stops at --max_bad_steps={a['max_bad_steps']})", flush=True)
+        if master and load:
+            watch.update(step, [r * config.topk / config.n_expert for r in load])
         if master and (step % a["log_interval"] == 0 or step == a["max_steps"]):
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -314,9 +371,18 @@ def main(argv):
             t0 = time.time()
         if master:
             log.write(json.dumps({"step": step, "loss": loss, "lr": lr, "grad_norm": norm.item(),
-                                  "load_max_over_mean": load}) + "\n")
-        if step % a["ckpt_interval"] == 0 or step == a["max_steps"]:
+                                  "skipped": not finite, "load_max_over_mean": load}) + "\n")
+        if bad_steps >= a["max_bad_steps"]:
+            raise SystemExit(f"train.py: {bad_steps} non-finite steps in a row, the last at step {step}; "
+                             f"stopping with the last checkpoint intact. Lower --lr or check the data, "
+                             f"then resume from that checkpoint")
+        if step % a["ckpt_interval"] == 0 or step == a["max_steps"] or stop:
             checkpoint(step)
+        if stop:
+            if master:
+                print(f"stopped by a signal after step {step}; checkpoint saved, --resume=auto continues")
+            parallel.shutdown()
+            return
     validate(step)
     parallel.shutdown()
 
