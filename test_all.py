@@ -694,3 +694,116 @@ def test_missing_backend_or_device_is_named(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="--device=cuda but no CUDA device is visible"):
             parallel.init_distributed("cuda")
+
+
+# -----------------------------------------------------------------------------
+# Reliability: faults are caught, reported, and recovered from
+
+def train_command(args):
+    return [sys.executable, os.path.join(HERE, "train.py"), *args]
+
+
+def wait_for_step(out_dir, step, proc, timeout=120):
+    import time
+    log = os.path.join(out_dir, "log.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(log) and any(json.loads(line).get("step", 0) >= step and "loss" in json.loads(line)
+                                       for line in open(log)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run never reached step {step}")
+
+
+def test_a_killed_run_resumes_automatically_with_the_same_losses(corpus, tmp_path):
+    import signal
+    straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
+    kw = dict(max_steps=12, ckpt_interval=2, resume="auto")
+    train.main(run_args(corpus, straight, **kw))
+    kill_after = np.random.default_rng().integers(3, 10)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(train_command(run_args(corpus, crashed, **kw)), env=env, cwd=HERE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_step(crashed, kill_after, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    subprocess.run(train_command(run_args(corpus, crashed, **kw)), env=env, cwd=HERE, check=True,
+                   capture_output=True)
+    assert losses(crashed) == losses(straight), f"killed after step {kill_after}"
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(corpus, tmp_path):
+    import signal
+    out = str(tmp_path)
+    proc = subprocess.Popen(train_command(run_args(corpus, out, max_steps=200, ckpt_interval=1000)),
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    wait_for_step(out, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "stopped by a signal after step" in output
+    step = int(output.split("stopped by a signal after step ")[1].split(";")[0])
+    assert 3 <= step < 200 and os.path.exists(os.path.join(out, f"ckpt_{step:08d}.pt"))
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(corpus, tmp_path, monkeypatch):
+    calls = {"train": 0}
+
+    class Faulty(GPT):  # NaN losses in the micro-batches of steps 3, 5 and 6 (2 micro-batches a step)
+        def forward(self, idx, targets=None):
+            logits, loss = super().forward(idx, targets)
+            if self.training:
+                calls["train"] += 1
+                if (calls["train"] + 1) // 2 in (3, 5, 6):
+                    loss = loss * float("nan")
+            return logits, loss
+
+    monkeypatch.setattr(train, "GPT", Faulty)
+    out = str(tmp_path)
+    with pytest.raises(SystemExit, match="2 non-finite steps in a row, the last at step 6"):
+        train.main(run_args(corpus, out, max_steps=10, ckpt_interval=1, keep_last_n=10, max_bad_steps=2))
+    skipped = [json.loads(line)["skipped"] for line in open(os.path.join(out, "log.jsonl")) if "skipped" in line]
+    assert skipped == [False, False, True, False, True, True]
+    four, five = (torch.load(os.path.join(out, f"ckpt_{s:08d}.pt"), weights_only=False) for s in (4, 5))
+    assert all(torch.equal(four["model"][k], five["model"][k]) for k in four["model"])  # untouched by step 5
+    assert not os.path.exists(os.path.join(out, "ckpt_00000006.pt"))
+
+
+def test_routing_collapse_is_reported(capsys):
+    watch = train.CollapseWatch(share=0.5, steps=3)
+    for step, shares in enumerate([[0.6, 0.1], [0.7, 0.1], [0.2, 0.1], [0.6, 0.1], [0.6, 0.2], [0.9, 0.1],
+                                   [0.9, 0.1]], 1):
+        watch.update(step, shares)
+    out = capsys.readouterr().out
+    assert out.count("routing collapse") == 1 and "step 6: in MoE layer 0" in out
+
+
+def test_router_scores_stay_fp32_under_autocast(monkeypatch):
+    seen = []
+
+    def spy(x, weight, bias, k):
+        scores, idx = kernels.topk_route_reference(x, weight, bias, k)
+        seen.append((x, weight, scores))
+        return scores, idx
+
+    monkeypatch.setattr(kernels, "topk_route", spy)
+    block = MultiHeadLatentMoE(small_config(ffn="mh_latent_moe"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        block(torch.randn(2, 9, 48))
+    x, weight, scores = seen[0]
+    assert x.dtype == torch.bfloat16 and weight.dtype == torch.float32 and scores.dtype == torch.float32
+    torch.testing.assert_close(scores, torch.einsum("nhd,hde->nhe", x.float(), weight).topk(3).values,
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_deterministic_runs_are_bitwise_equal(corpus, tmp_path):
+    for name in ("a", "b"):
+        train.main(run_args(corpus, str(tmp_path / name), deterministic=1))
+    assert losses(str(tmp_path / "a")) == losses(str(tmp_path / "b"))
+
+
+def test_head_parallel_runs_are_bitwise_equal(corpus, tmp_path):
+    runs = [str(tmp_path / name) for name in ("a", "b")]
+    for out in runs:
+        torchrun(2, run_args(corpus, out, batch_size=2, parallel="hp", **PAR))
+    assert losses(runs[0]) == losses(runs[1])
