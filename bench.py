@@ -5,6 +5,7 @@ The paper's per-component benchmarks (Sec. 4.2), on one GPU.
   python bench.py experts    # Fig. 5: grouped GEMM vs FlexAttention experts, plus a training shape
   python bench.py all
   torchrun --standalone --nproc_per_node=2 bench.py a2a   # Fig. 3: EP vs HP all-to-all, P = 2 GPUs
+  python bench.py e2e --preset=mh_2b [train.py options]   # Table 1: training throughput (torchrun for more GPUs)
 
 Each prints a markdown table and writes bench_results/<name>.json, .md and .png.
 Times are medians of CUDA-event timings after warm-up (triton.testing.do_bench);
@@ -41,7 +42,8 @@ def rel_error(got, want):
 
 def report(name, rows, columns, plot):
     os.makedirs(OUT, exist_ok=True)
-    device = f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    device = f"{gpu} | torch {torch.__version__} | triton {triton.__version__}"
     lines = [f"{name} ({device}; command: python bench.py {name})", "",
              "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "-")) for c in columns) + " |" for r in rows]
@@ -51,7 +53,10 @@ def report(name, rows, columns, plot):
         f.write(text + "\n")
     with open(os.path.join(OUT, f"{name}.json"), "w") as f:
         json.dump({"device": device, "rows": rows}, f, indent=1)
-    plot(rows, os.path.join(OUT, f"{name}.png"))
+    try:
+        plot(rows, os.path.join(OUT, f"{name}.png"))
+    except ImportError:  # the table and JSON are written; the figure needs matplotlib
+        print(f"bench.py: matplotlib is not installed, so no {name}.png (pip install matplotlib)")
 
 
 def fmt(v):
@@ -232,9 +237,68 @@ def bench_a2a(tokens=16 * 2048, dim=1024, heads=8, n_expert=384, ks=(1, 2, 4, 8)
     parallel.shutdown()
 
 
+# -----------------------------------------------------------------------------
+# Table 1: end-to-end training throughput, through train.py's own loop
+
+def bench_e2e(argv):
+    """
+    Runs bench_warmup + bench_steps steps of train.py with the given options (warm-up
+    includes compilation), no validation, no checkpoints, and reports the median
+    timed step. Every run adds or replaces its row in bench_results/e2e.*.
+    """
+    import tempfile
+
+    import train
+    from model import GPT
+    counts, rest = {"bench_warmup": 3, "bench_steps": 10}, []
+    for arg in argv:
+        key, _, value = arg.removeprefix("--").partition("=")
+        if key in counts:
+            counts[key] = int(value)
+        else:
+            rest.append(arg)
+    total = counts["bench_warmup"] + counts["bench_steps"]
+    fixed = [f"--max_steps={total}", "--warmup_steps=1", "--decay_steps=0", "--eval_interval=0",
+             "--ckpt_interval=0", f"--log_interval={total}"]
+    with tempfile.TemporaryDirectory() as out:
+        train.main(rest + fixed + [f"--out_dir={out}"])
+        if int(os.environ.get("RANK", "0")):
+            return
+        with open(os.path.join(out, "log.jsonl")) as f:
+            steps = [json.loads(line) for line in f if '"step_ms"' in line]
+    a, config = train.parse_args(rest)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ms = sorted(s["step_ms"] for s in steps[counts["bench_warmup"]:])[counts["bench_steps"] // 2]
+    tps = a["batch_tokens"] / ms * 1e3
+    with torch.device("meta"):
+        flops = GPT(config).flops_per_token()
+    row = {"preset": a["preset"] or config.ffn, "parallel": a["parallel"], "GPUs": world,
+           "global batch": a["batch_tokens"], "step ms": ms, "tokens/s": tps,
+           "MFU %": 100 * flops * tps / (world * a["peak_tflops"] * 1e12) if torch.cuda.is_available() else "-",
+           "peak GiB": steps[-1]["peak_gib"] or "-", "command": "python bench.py e2e " + " ".join(argv)}
+    path = os.path.join(OUT, "e2e.json")
+    rows = json.load(open(path))["rows"] if os.path.exists(path) else []
+    rows = [r for r in rows if (r["preset"], r["parallel"], r["GPUs"]) != (row["preset"], row["parallel"], world)]
+
+    def plot(rows, path):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows)), 4))
+        ax.bar([f"{r['preset']}\n{r['parallel']} x{r['GPUs']}" for r in rows], [r["tokens/s"] for r in rows])
+        ax.set(ylabel="tokens/s", title="training throughput")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    report("e2e", rows + [row], ["preset", "parallel", "GPUs", "global batch", "step ms", "tokens/s", "MFU %",
+                                 "peak GiB"], plot)
+
+
 BENCHES = {"router": bench_router, "experts": bench_experts, "a2a": bench_a2a}
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["e2e"]:
+        bench_e2e(sys.argv[2:])
+        sys.exit()
     names = sys.argv[1:] or ["all"]
     for name in ([n for n in BENCHES if n != "a2a"] if names == ["all"] else names):
         if name not in BENCHES:

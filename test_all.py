@@ -807,3 +807,16 @@ def test_head_parallel_runs_are_bitwise_equal(corpus, tmp_path):
     for out in runs:
         torchrun(2, run_args(corpus, out, batch_size=2, parallel="hp", **PAR))
     assert losses(runs[0]) == losses(runs[1])
+
+
+
+def test_end_to_end_benchmark_reports_throughput(corpus, tmp_path, monkeypatch):
+    import bench
+    monkeypatch.setattr(bench, "OUT", str(tmp_path))
+    args = run_args(corpus, str(tmp_path / "unused"))
+    args = [a for a in args if not a.split("=")[0] in ("--max_steps", "--warmup_steps", "--decay_steps",
+                                                       "--eval_interval", "--log_interval", "--out_dir")]
+    bench.bench_e2e(args + ["--bench_warmup=1", "--bench_steps=2"])
+    rows = json.load(open(tmp_path / "e2e.json"))["rows"]
+    assert len(rows) == 1 and rows[0]["tokens/s"] > 0 and rows[0]["parallel"] == "dp"
+    assert (tmp_path / "e2e.md").exists()

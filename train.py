@@ -33,11 +33,11 @@ DEFAULTS = dict(
     # data and output
     data_dir="data/fineweb", out_dir="out",
     resume="",                 # "" starts fresh, "auto" takes the newest good checkpoint in out_dir, or a path
-    ckpt_interval=1000, keep_last_n=2,
+    ckpt_interval=1000, keep_last_n=2,  # ckpt_interval=0: no checkpoints (benchmarks)
     max_bad_steps=10,          # consecutive non-finite steps (skipped) before the run stops
     collapse_share=0.5, collapse_steps=100,  # warn when one expert takes this share of a layer for so long
     deterministic=False,       # bitwise-repeatable runs (torch.use_deterministic_algorithms)
-    eval_interval=500, eval_tokens=2_097_152, log_interval=10,
+    eval_interval=500, eval_tokens=2_097_152, log_interval=10,  # eval_interval=0: no validation
     # batch: micro-batches of batch_size sequences, accumulated to batch_tokens per step
     batch_size=16, batch_tokens=655_360,
     # optimizer and trapezoidal schedule (warmup, constant, linear decay)
@@ -99,10 +99,13 @@ def convert(key, value, default):
 def check_args(a):
     def bad(key, fix):
         raise SystemExit(f"train.py: --{key}={a[key]!r} is invalid: {fix}")
-    for key in ("batch_size", "batch_tokens", "max_steps", "log_interval", "eval_interval",
-                "ckpt_interval", "keep_last_n", "eval_tokens", "max_bad_steps", "collapse_steps"):
+    for key in ("batch_size", "batch_tokens", "max_steps", "log_interval", "keep_last_n", "eval_tokens",
+                "max_bad_steps", "collapse_steps"):
         if a[key] < 1:
             bad(key, "it must be at least 1")
+    for key in ("eval_interval", "ckpt_interval"):
+        if a[key] < 0:
+            bad(key, "it must be at least 0 (0 turns it off)")
     if a["warmup_steps"] < 0 or a["decay_steps"] < 0:
         bad("warmup_steps" if a["warmup_steps"] < 0 else "decay_steps", "it cannot be negative")
     if a["warmup_steps"] + a["decay_steps"] > a["max_steps"]:
@@ -303,7 +306,7 @@ def main(argv):
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     def validate(step):
-        if not val_batches:
+        if not val_batches or not a["eval_interval"]:
             return
         val = evaluate(forward, val_data, val_batches, autocast, device)
         if master:
@@ -323,10 +326,11 @@ def main(argv):
     watch = CollapseWatch(a["collapse_share"], a["collapse_steps"])
     bad_steps, t0 = 0, time.time()
     while step < a["max_steps"]:
-        if step % a["eval_interval"] == 0:
+        if a["eval_interval"] and step % a["eval_interval"] == 0:
             t_eval = time.time()
             validate(step)
             t0 += time.time() - t_eval  # keep evaluation out of the step timing
+        t_step = time.time()
         lr = learning_rate(step, a)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -352,6 +356,7 @@ def main(argv):
                 experts.load.zero_()
         optimizer.zero_grad(set_to_none=True)
         load = parallel.update_router_biases(model, a["bias_update_rate"]) if finite else []
+        step_ms = (time.time() - t_step) * 1000  # the loss's .tolist() above waited for the device
         step += 1
         if master and not finite:
             print(f"step {step}: non-finite loss {loss} or gradient norm {norm.item()}; update skipped "
@@ -370,13 +375,15 @@ def main(argv):
                   f"{dt * 1000:.0f} ms | {tps:,.0f} tok/s{mfu_text}{load_text}", flush=True)
             t0 = time.time()
         if master:
+            peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
             log.write(json.dumps({"step": step, "loss": loss, "lr": lr, "grad_norm": norm.item(),
-                                  "skipped": not finite, "load_max_over_mean": load}) + "\n")
+                                  "skipped": not finite, "load_max_over_mean": load, "step_ms": step_ms,
+                                  "peak_gib": peak}) + "\n")
         if bad_steps >= a["max_bad_steps"]:
             raise SystemExit(f"train.py: {bad_steps} non-finite steps in a row, the last at step {step}; "
                              f"stopping with the last checkpoint intact. Lower --lr or check the data, "
                              f"then resume from that checkpoint")
-        if step % a["ckpt_interval"] == 0 or step == a["max_steps"] or stop:
+        if a["ckpt_interval"] and (step % a["ckpt_interval"] == 0 or step == a["max_steps"] or stop):
             checkpoint(step)
         if stop:
             if master:
