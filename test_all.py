@@ -198,6 +198,8 @@ def test_bad_model_config_is_named(kw, words):
     (["--preset=mh_2b", "--topk=999"], ["topk=999"]),
     (["--max_steps=10", "--warmup_steps=8", "--decay_steps=5"], ["--max_steps=10", "13"]),
     (["--device=tpu"], ["--device='tpu'"]),
+    (["--ckpt_interval=-1"], ["--ckpt_interval=-1", "0 turns it off"]),
+    (["--max_bad_steps=0"], ["--max_bad_steps=0", "at least 1"]),
 ])
 def test_bad_cli_is_named(argv, words):
     with pytest.raises(SystemExit) as e:
