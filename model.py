@@ -53,7 +53,9 @@ def config_error(field, value, fix):
 def check_config(c):
     """Reject a bad configuration before anything is allocated."""
     if c.ffn not in FFN_KINDS:
-        raise config_error("ffn", c.ffn, f"choose one of {', '.join(FFN_KINDS)}")
+        near = difflib.get_close_matches(str(c.ffn), FFN_KINDS, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise config_error("ffn", c.ffn, f"{hint}choose one of {', '.join(FFN_KINDS)}")
     for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
         if getattr(c, name) < 1:
             raise config_error(name, getattr(c, name), "it must be at least 1")

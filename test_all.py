@@ -178,6 +178,7 @@ def test_every_preset_builds():
     (dict(ffn="moe", topk=9, n_expert=8), ["topk=9", "n_expert=8"]),
     (dict(ffn="moe", n_expert=0), ["n_expert=0", "at least 1"]),
     (dict(ffn="dense"), ["ffn='dense'", "mh_latent_moe"]),
+    (dict(ffn="mh_latentmoe"), ["did you mean 'mh_latent_moe'"]),
     (dict(n_head=5), ["n_head=5", "divide n_embd"]),
     (dict(ffn="moe", separate_routing_tokens=True), ["separate_routing_tokens", "mh_latent_moe only"]),
     (dict(ffn="moe", n_dense_layers=3), ["n_dense_layers=3", "0..n_layer=2"]),
