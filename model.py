@@ -50,12 +50,15 @@ def config_error(field, value, fix):
     return ValueError(f"config: {field}={value!r} is invalid: {fix}")
 
 
+def did_you_mean(word, choices):
+    near = difflib.get_close_matches(str(word), choices, n=1)
+    return f"did you mean {near[0]!r}? " if near else ""
+
+
 def check_config(c):
     """Reject a bad configuration before anything is allocated."""
     if c.ffn not in FFN_KINDS:
-        near = difflib.get_close_matches(str(c.ffn), FFN_KINDS, n=1)
-        hint = f"did you mean {near[0]!r}? " if near else ""
-        raise config_error("ffn", c.ffn, f"{hint}choose one of {', '.join(FFN_KINDS)}")
+        raise config_error("ffn", c.ffn, f"{did_you_mean(c.ffn, FFN_KINDS)}choose one of {', '.join(FFN_KINDS)}")
     for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
         if getattr(c, name) < 1:
             raise config_error(name, getattr(c, name), "it must be at least 1")
@@ -104,9 +107,8 @@ PRESETS.update({
 
 def preset(name):
     if name not in PRESETS:
-        near = difflib.get_close_matches(name, PRESETS, n=1)
-        hint = f"did you mean {near[0]!r}? " if near else ""
-        raise ValueError(f"config: preset={name!r} is unknown: {hint}choose one of {', '.join(PRESETS)}")
+        raise ValueError(f"config: preset={name!r} is unknown: {did_you_mean(name, PRESETS)}"
+                         f"choose one of {', '.join(PRESETS)}")
     return dict(PRESETS[name])
 
 
