@@ -321,7 +321,8 @@ def expert_block_mask(q_expert, expert_dim, kv_len):
     last = q_expert[:, block_ends.clamp(max=q_len) - 1]        # block's first and last rows
     kv_first = first * expert_dim // FLEX_BLOCK
     kv_last = ((last + 1) * expert_dim - 1) // FLEX_BLOCK
-    kv_indices = (kv_first[..., None] + torch.arange(n_kv_blocks, device=q_expert.device)).clamp(max=n_kv_blocks - 1)
+    kv_indices = kv_first[..., None] + torch.arange(n_kv_blocks, device=q_expert.device)
+    kv_indices = kv_indices.clamp(max=n_kv_blocks - 1)  # entries past each row's count are ignored
 
     def same_expert(b, h, q_idx, kv_idx):
         return q_expert[h, q_idx] == kv_idx // expert_dim

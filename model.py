@@ -58,7 +58,8 @@ def did_you_mean(word, choices):
 def check_config(c):
     """Reject a bad configuration before anything is allocated."""
     if c.ffn not in FFN_KINDS:
-        raise config_error("ffn", c.ffn, f"{did_you_mean(c.ffn, FFN_KINDS)}choose one of {', '.join(FFN_KINDS)}")
+        raise config_error("ffn", c.ffn,
+                           f"{did_you_mean(c.ffn, FFN_KINDS)}choose one of {', '.join(FFN_KINDS)}")
     for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
         if getattr(c, name) < 1:
             raise config_error(name, getattr(c, name), "it must be at least 1")

@@ -645,13 +645,14 @@ def test_parallel_equals_one_process_under_nccl_in_bf16(mode):
 @pytest.mark.parametrize("ffn", ["latent_moe", "mh_latent_moe"])
 def test_expert_parallel_of_latent_and_multi_head_models_equals_one_process(ffn):
     with tempfile.TemporaryDirectory() as tmp:
-        torch.multiprocessing.spawn(parallel_worker, args=(2, "ep", 2, False, os.path.join(tmp, "store"), "gloo", ffn),
-                                    nprocs=2)
+        store = os.path.join(tmp, "store")
+        torch.multiprocessing.spawn(parallel_worker, args=(2, "ep", 2, False, store, "gloo", ffn), nprocs=2)
 
 
 def test_head_parallel_with_data_parallel_replicas_equals_one_process():
     with tempfile.TemporaryDirectory() as tmp:  # W = 4 ranks: P = 2 heads-groups x R = 2 replicas
-        torch.multiprocessing.spawn(parallel_worker, args=(4, "hp", 2, False, os.path.join(tmp, "store")), nprocs=4)
+        store = os.path.join(tmp, "store")
+        torch.multiprocessing.spawn(parallel_worker, args=(4, "hp", 2, False, store), nprocs=4)
 
 
 @pytest.mark.parametrize("mode", ["hp", "ep"])
