@@ -33,7 +33,7 @@ DEFAULTS = dict(
     # data and output
     data_dir="data/fineweb", out_dir="out",
     resume="",                 # "" starts fresh, "auto" takes the newest good checkpoint in out_dir, or a path
-    ckpt_interval=1000, keep_last_n=2,  # ckpt_interval=0: no checkpoints (benchmarks)
+    ckpt_interval=1000, keep_last_n=2,  # ckpt_interval=0: none but on SIGTERM/SIGINT (benchmarks)
     max_bad_steps=10,          # consecutive non-finite steps (skipped) before the run stops
     collapse_share=0.5, collapse_steps=100,  # warn when one expert takes this share of a layer for so long
     deterministic=False,       # bitwise-repeatable runs (torch.use_deterministic_algorithms)
@@ -342,11 +342,11 @@ def main(argv):
             (loss / accum).backward()
             loss_sum += loss.detach()
         parallel.average_gradients(model)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a["grad_clip"])
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a["grad_clip"]).item()
         # one all-reduce tells every rank the global loss and whether any rank was signalled
         loss, stop = parallel.mean_over_ranks(
             torch.stack([loss_sum / accum, torch.tensor(float(bool(interrupted)), device=device)])).tolist()
-        finite = math.isfinite(loss) and math.isfinite(norm.item())
+        finite = math.isfinite(loss) and math.isfinite(norm)
         if finite:
             optimizer.step()
             bad_steps = 0
@@ -359,7 +359,7 @@ def main(argv):
         step_ms = (time.time() - t_step) * 1000  # the loss's .tolist() above waited for the device
         step += 1
         if master and not finite:
-            print(f"step {step}: non-finite loss {loss} or gradient norm {norm.item()}; update skipped "
+            print(f"step {step}: non-finite loss {loss} or gradient norm {norm}; update skipped "
                   f"({bad_steps} in a row, the run stops at --max_bad_steps={a['max_bad_steps']})", flush=True)
         if master and load:
             watch.update(step, [r * config.topk / config.n_expert for r in load])
@@ -376,14 +376,14 @@ def main(argv):
             t0 = time.time()
         if master:
             peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
-            log.write(json.dumps({"step": step, "loss": loss, "lr": lr, "grad_norm": norm.item(),
+            log.write(json.dumps({"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
                                   "skipped": not finite, "load_max_over_mean": load, "step_ms": step_ms,
                                   "peak_gib": peak}) + "\n")
         if bad_steps >= a["max_bad_steps"]:
             raise SystemExit(f"train.py: {bad_steps} non-finite steps in a row, the last at step {step}; "
                              f"stopping with the last checkpoint intact. Lower --lr or check the data, "
                              f"then resume from that checkpoint")
-        if a["ckpt_interval"] and (step % a["ckpt_interval"] == 0 or step == a["max_steps"] or stop):
+        if stop or a["ckpt_interval"] and (step % a["ckpt_interval"] == 0 or step == a["max_steps"]):
             checkpoint(step)
         if stop:
             if master:
