@@ -6,14 +6,17 @@ The paper's per-component benchmarks (Sec. 4.2), on one GPU.
   python bench.py all
   torchrun --standalone --nproc_per_node=2 bench.py a2a   # Fig. 3: EP vs HP all-to-all, P = 2 GPUs
   python bench.py e2e --preset=mh_2b [train.py options]   # Table 1: training throughput (torchrun for more GPUs)
+  python bench.py quality out/run1 out/run2 ...            # Table 1 at reduced scale: val loss of finished runs
 
 Each prints a markdown table and writes bench_results/<name>.json, .md and .png.
 Times are medians of CUDA-event timings after warm-up (triton.testing.do_bench);
 "extra memory" is the peak allocated during the call above what was allocated before it.
 """
 
+import dataclasses
 import json
 import os
+import re
 import sys
 
 import torch
@@ -240,11 +243,34 @@ def bench_a2a(tokens=16 * 2048, dim=1024, heads=8, n_expert=384, ks=(1, 2, 4, 8)
 # -----------------------------------------------------------------------------
 # Table 1: end-to-end training throughput, through train.py's own loop
 
+# the parts of a training step, told apart by kernel name (the first pattern that matches)
+STEP_PARTS = (
+    ("router", r"_route_|topk"),
+    ("experts", r"flex|triton_tem|grouped"),
+    ("clustering", r"sort|searchsorted|bincount|histogram"),
+    ("attention", r"flash|fmha|attention|sdpa"),
+    ("all-to-all", r"alltoall|sendrecv"),
+    ("all-reduce", r"allreduce"),
+    ("optimizer", r"adam|multi_tensor"),
+    ("matmul", r"gemm|cutlass|nvjet|xmma|cublas"),
+)
+
+
+def step_split(kernel_times):
+    """{part: ms} from {kernel name: ms}; kernels no pattern names fall in "other"."""
+    split = {part: 0.0 for part, _ in STEP_PARTS} | {"other": 0.0}
+    for name, ms in kernel_times.items():
+        part = next((p for p, pattern in STEP_PARTS if re.search(pattern, name.lower())), "other")
+        split[part] += ms
+    return split
+
+
 def bench_e2e(argv):
     """
     Runs bench_warmup + bench_steps steps of train.py with the given options (warm-up
     includes compilation), no validation, no checkpoints, and reports the median
-    timed step. Every run adds or replaces its row in bench_results/e2e.*.
+    timed step; on a GPU one more step runs under torch.profiler to split the step's
+    device time by part. Every run adds or replaces its row in bench_results/e2e.*.
     """
     import tempfile
 
@@ -257,47 +283,122 @@ def bench_e2e(argv):
             counts[key] = int(value)
         else:
             rest.append(arg)
-    total = counts["bench_warmup"] + counts["bench_steps"]
+    a, config = train.parse_args(rest)
+    timed_end = counts["bench_warmup"] + counts["bench_steps"]
+    gpu = torch.cuda.is_available() and a["device"] != "cpu"
+    total = timed_end + gpu  # the profiled step comes after the timed ones
     fixed = [f"--max_steps={total}", "--warmup_steps=1", "--decay_steps=0", "--eval_interval=0",
              "--ckpt_interval=0", f"--log_interval={total}"]
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if gpu else None
+
+    def on_step(step):
+        if prof is not None and step == timed_end:
+            prof.start()
     with tempfile.TemporaryDirectory() as out:
-        train.main(rest + fixed + [f"--out_dir={out}"])
+        train.main(rest + fixed + [f"--out_dir={out}"], on_step=on_step)
+        if prof is not None:
+            prof.stop()
         if int(os.environ.get("RANK", "0")):
             return
         with open(os.path.join(out, "log.jsonl")) as f:
             steps = [json.loads(line) for line in f if '"step_ms"' in line]
-    a, config = train.parse_args(rest)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    ms = sorted(s["step_ms"] for s in steps[counts["bench_warmup"]:])[counts["bench_steps"] // 2]
+    ms = sorted(s["step_ms"] for s in steps[counts["bench_warmup"]:timed_end])[counts["bench_steps"] // 2]
     tps = a["batch_tokens"] / ms * 1e3
     with torch.device("meta"):
         flops = GPT(config).flops_per_token()
-    row = {"preset": a["preset"] or config.ffn, "parallel": a["parallel"], "GPUs": world,
+    fields = {f.name for f in dataclasses.fields(config)}
+    changed = [arg.removeprefix("--") for arg in rest if arg.removeprefix("--").partition("=")[0] in fields]
+    row = {"model": " ".join([a["preset"] or config.ffn] + changed), "parallel": a["parallel"], "GPUs": world,
            "global batch": a["batch_tokens"], "step ms": ms, "tokens/s": tps,
-           "MFU %": 100 * flops * tps / (world * a["peak_tflops"] * 1e12) if torch.cuda.is_available() else "-",
+           "MFU %": 100 * flops * tps / (world * a["peak_tflops"] * 1e12) if gpu else "-",
            "peak GiB": steps[-1]["peak_gib"] or "-", "command": "python bench.py e2e " + " ".join(argv)}
+    if prof is not None:
+        kernel_times = {e.key: e.self_device_time_total / 1e3 for e in prof.key_averages()
+                        if e.device_type == torch.autograd.DeviceType.CUDA}
+        row.update({f"{part} ms": v for part, v in step_split(kernel_times).items()})
+        print("longest kernels of the profiled step (ms):")
+        for name, v in sorted(kernel_times.items(), key=lambda kv: -kv[1])[:15]:
+            print(f"  {v:9.2f}  {name[:110]}")
     path = os.path.join(OUT, "e2e.json")
     rows = json.load(open(path))["rows"] if os.path.exists(path) else []
-    rows = [r for r in rows if (r["preset"], r["parallel"], r["GPUs"]) != (row["preset"], row["parallel"], world)]
+    rows = [r for r in rows if (r["model"], r["parallel"], r["GPUs"]) != (row["model"], row["parallel"], world)]
 
     def plot(rows, path):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows)), 4))
-        ax.bar([f"{r['preset']}\n{r['parallel']} x{r['GPUs']}" for r in rows], [r["tokens/s"] for r in rows])
+        ax.bar([f"{r['model']}\n{r['parallel']} x{r['GPUs']}" for r in rows], [r["tokens/s"] for r in rows])
         ax.set(ylabel="tokens/s", title="training throughput")
         fig.tight_layout()
         fig.savefig(path, dpi=120)
-    report("e2e", rows + [row], ["preset", "parallel", "GPUs", "global batch", "step ms", "tokens/s", "MFU %",
-                                 "peak GiB"], plot)
+    split_columns = [f"{part} ms" for part, _ in STEP_PARTS] + ["other ms"]
+    report("e2e", rows + [row], ["model", "parallel", "GPUs", "global batch", "step ms", "tokens/s", "MFU %",
+                                 "peak GiB"] + split_columns, plot)
+
+
+# -----------------------------------------------------------------------------
+# Quality at reduced scale: validation curves of finished train.py runs
+
+def bench_quality(run_dirs):
+    """
+    Reads the config.json and log.jsonl of each train.py run directory and tables
+    the final validation loss per model (mean and spread over the seeds it was run
+    with), its parameters and throughput; plots the validation curves.
+    """
+    import math
+    from model import GPT, GPTConfig
+    runs = {}
+    for d in run_dirs:
+        try:
+            config = json.load(open(os.path.join(d, "config.json")))
+            log = [json.loads(line) for line in open(os.path.join(d, "log.jsonl"))]
+        except (OSError, ValueError) as e:
+            sys.exit(f"bench.py quality: {d} is not a finished train.py run ({e})")
+        val = [(e["step"], e["val_loss"]) for e in log if "val_loss" in e]
+        step_ms = sorted(e["step_ms"] for e in log if "step_ms" in e)
+        if not val or not step_ms:
+            sys.exit(f"bench.py quality: {d}/log.jsonl has no validation or step entries; "
+                     f"run train.py with --eval_interval > 0")
+        t = config["train"]
+        runs.setdefault(t["preset"] or config["model"]["ffn"], []).append(
+            {"dir": d, "config": config, "curve": [(s * t["batch_tokens"], v) for s, v in val],
+             "tokens/s": t["batch_tokens"] / step_ms[len(step_ms) // 2] * 1e3})
+    rows = []
+    for name, group in runs.items():
+        with torch.device("meta"):
+            active, total = GPT(GPTConfig(**group[0]["config"]["model"])).num_params()
+        final = [r["curve"][-1][1] for r in group]
+        mean = sum(final) / len(final)
+        rows.append({"model": name, "active M": active / 1e6, "total M": total / 1e6, "seeds": len(group),
+                     "tokens": group[0]["curve"][-1][0], "val loss": mean,
+                     "spread": max(final) - min(final) if len(final) > 1 else "-",
+                     "val ppl": math.exp(mean), "tokens/s": sum(r["tokens/s"] for r in group) / len(group),
+                     "curves": [r["curve"] for r in group]})
+
+    def plot(rows, path):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, r in enumerate(rows):
+            for j, curve in enumerate(r["curves"]):
+                tokens, loss = zip(*curve[1:])  # from the first evaluation after step 0
+                ax.plot(tokens, loss, color=f"C{i}", alpha=1 if j == 0 else 0.5, label=r["model"] if j == 0 else None)
+        ax.set(xlabel="training tokens", ylabel="validation loss", title="docs corpus, reduced scale")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    report("quality", rows, ["model", "active M", "total M", "seeds", "tokens", "val loss", "spread", "val ppl",
+                             "tokens/s"], plot)
 
 
 BENCHES = {"router": bench_router, "experts": bench_experts, "a2a": bench_a2a}
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["e2e"]:
-        bench_e2e(sys.argv[2:])
+    if sys.argv[1:2] in (["e2e"], ["quality"]):
+        {"e2e": bench_e2e, "quality": bench_quality}[sys.argv[1]](sys.argv[2:])
         sys.exit()
     names = sys.argv[1:] or ["all"]
     for name in ([n for n in BENCHES if n != "a2a"] if names == ["all"] else names):

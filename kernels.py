@@ -7,6 +7,8 @@ run on the CPU, serve as the tests' oracle and as bench.py's naive baseline.
   expert_ffn  : sum_j g_j W2[e_j]^T gelu(W1[e_j] x), dropless
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -193,6 +195,14 @@ class TritonRoute(torch.autograd.Function):
         ds = d_scores.reshape(n_tok, n_heads, k).float().contiguous()
         block_d = triton.next_power_of_2(dim)
         dx = dw = None
+        if ctx.needs_input_grad[1]:  # first, so that the sort's buffers are freed before dX exists
+            order, starts = cluster_by_expert(index, n_expert)
+            dwt = torch.empty(n_heads * n_expert, dim, device=x3.device, dtype=torch.float32)
+            _route_dw_kernel[(n_heads * n_expert,)](
+                x3, ds, order, starts, dwt, n_heads, n_expert, *x3.stride(),
+                D=dim, BLOCK_D=block_d, K=k, BLOCK_P=ROUTE_BLOCK_P)
+            dw = dwt.view(n_heads, n_expert, dim).transpose(1, 2)
+            del order, starts
         if ctx.needs_input_grad[0]:
             wt = weight.detach().transpose(1, 2).contiguous()  # (N_h, N_e, d_h): rows gather coalesced
             dx = torch.empty(n_tok, n_heads, dim, device=x3.device, dtype=ctx.x_dtype)  # fp32 sums, stored once
@@ -200,14 +210,6 @@ class TritonRoute(torch.autograd.Function):
                 ds, index, wt, dx, n_tok, wt.stride(0), wt.stride(1),
                 D=dim, BLOCK_D=block_d, K=k, BLOCK_N=ROUTE_DX_BLOCK_N)
             dx = dx.view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            order, counts = cluster_by_expert(index, n_expert)
-            starts = F.pad(torch.cumsum(counts, 0), (1, 0))
-            dwt = torch.empty(n_heads * n_expert, dim, device=x3.device, dtype=torch.float32)
-            _route_dw_kernel[(n_heads * n_expert,)](
-                x3, ds, order, starts, dwt, n_heads, n_expert, *x3.stride(),
-                D=dim, BLOCK_D=block_d, K=k, BLOCK_P=ROUTE_BLOCK_P)
-            dw = dwt.view(n_heads, n_expert, dim).transpose(1, 2)
         return dx, dw, None, None
 
 
@@ -232,17 +234,17 @@ def check_expert_args(x, idx, gates, w1, w2):
 
 def cluster_by_expert(idx, n_expert):
     """
-    Fig. 2's clustering: sort the (token, head, slot) pairs by (head, expert).
-    idx: (N, N_h, k). Returns, in clustered order, the flat pair index
-    (into N*N_h*k), and the number of pairs of each (head, expert) group,
-    (N_h * N_e,).
+    Fig. 2's clustering: sort the (token, head, slot) pairs by (head, expert), stably.
+    idx: (N, N_h, k). Returns the flat pair indices (into N*N_h*k) in clustered order
+    and the group boundaries, (N_h * N_e + 1,): the pairs of group g = head * N_e + expert
+    are order[starts[g]:starts[g + 1]]. Static shapes throughout, so it compiles.
     """
     N, n_sets, k = idx.shape
-    head = torch.arange(n_sets, device=idx.device).view(1, -1, 1)
-    group = (idx + head * n_expert).flatten()
+    head = torch.arange(n_sets, device=idx.device, dtype=torch.int32).view(1, -1, 1)
+    group = (idx.int() + head * n_expert).flatten()  # int32 keys: half the sort's memory of int64
     order = torch.argsort(group, stable=True)
-    counts = torch.bincount(group, minlength=n_sets * n_expert)
-    return order, counts
+    bounds = torch.arange(n_sets * n_expert + 1, device=idx.device, dtype=torch.int32)
+    return order, torch.searchsorted(group[order], bounds)
 
 
 def expert_ffn(x, idx, gates, w1, w2):
@@ -264,9 +266,9 @@ def expert_ffn_grouped(x, idx, gates, w1, w2):
     The baseline of bench.py, and the path for d_h above FlexAttention's limit (MoE at width d)."""
     N, n_sets, dim = x.shape
     k, n_expert = idx.size(-1), w1.size(1)
-    order, counts = cluster_by_expert(idx, n_expert)
+    order, starts = cluster_by_expert(idx, n_expert)
     rows = order // k
-    ends = torch.cumsum(counts.view(n_sets, n_expert), -1).int()
+    ends = starts.diff().view(n_sets, n_expert).cumsum(-1).int()  # each head's group ends
     w1, w2 = w1.to(x.dtype), w2.to(x.dtype)  # bf16 under autocast
     xs = x.reshape(N * n_sets, dim)[rows].view(n_sets, N * k, dim)
     ys = [torch._grouped_mm(F.gelu(torch._grouped_mm(xs[h], w1[h].transpose(1, 2), offs=ends[h])),
@@ -280,12 +282,12 @@ def expert_ffn_reference(x, idx, gates, w1, w2):
     # a per-expert loop over the clustered pairs: dropless, every pair computed
     N, n_sets, dim = x.shape
     k = idx.size(-1)
-    order, counts = cluster_by_expert(idx, w1.size(1))
+    order, starts = cluster_by_expert(idx, w1.size(1))
     rows = order // k                                   # pair -> row of x.view(N * N_h, d_h)
     xs = x.reshape(N * n_sets, dim)[rows]
     w1g, w2g = w1.flatten(0, 1), w2.flatten(0, 1)       # (N_h * N_e, d_e, d_h)
     ys = [F.gelu(chunk @ w1g[g].T) @ w2g[g]
-          for g, chunk in enumerate(torch.split(xs, counts.tolist())) if chunk.numel()]
+          for g, chunk in enumerate(torch.split(xs, starts.diff().tolist())) if chunk.numel()]
     y = torch.cat(ys) if ys else xs  # no pairs at all: an empty result
     y = y * gates.flatten()[order, None].to(x.dtype)
     out = torch.zeros(N * n_sets, dim, device=x.device, dtype=y.dtype).index_add(0, rows, y)
@@ -294,24 +296,28 @@ def expert_ffn_reference(x, idx, gates, w1, w2):
 
 # Sec. 3.4: the experts as block-sparse attention. Q = the clustered sub-tokens,
 # K = rows of W1, V = rows of W2, a mask "query's expert == key's expert".
-# With score_mod log(gelu(s) + c) and scale 1, FlexAttention returns
-#   O' = sum_j (gelu(s_j) + c) V_j / l   and   log l,   l = sum_j (gelu(s_j) + c),
-# so gelu(x W1^T) W2 = O' l - c sum_j V_j exactly. In bf16 the kernel rounds each
-# weight gelu(s_j) + c and the output O'; both errors scale with c against the
-# signal gelu(s), so c should be as small as log() allows: just above the GELU
-# minimum, -0.17 (the paper takes c = 1). V stays W2 itself: any change to it
-# (centring its rows, say) is rounded in bf16 and then amplified the same way.
-GELU_OFFSET = 0.18
+# With score_mod log(w(s)) and scale 1, FlexAttention returns
+#   O' = sum_j w(s_j) V_j / l   and   log l,   l = sum_j w(s_j),
+# so O' l = sum_j w(s_j) V_j. The weights must be positive. The paper takes
+# w = gelu(s) + 1 and subtracts sum_j V_j afterwards; in bf16 the kernel rounds
+# each weight and O' relative to gelu(s) + 1, not to gelu(s), and the subtraction
+# exposes that error (3.7e-2 at init scale). We split the sign instead: every
+# expert's rows appear twice, K = [W1_e; W1_e], V = [W2_e; -W2_e], weighted by
+# max(gelu(s), 0) in the first copy and max(-gelu(s), 0) in the second, so
+#   O' l = sum_j gelu(s_j) W2_j   exactly, with nothing to cancel:
+# the weights |gelu(s_j)| / l and O' are rounded relative to the signal itself,
+# as in a bf16 grouped GEMM. The price is twice the attention FLOPs.
 FLEX_BLOCK = 128
 FLEX_MAX_DIM = 256  # FlexAttention's largest head dimension
 
 
-def expert_block_mask(q_expert, expert_dim, kv_len):
+def expert_block_mask(q_expert, expert_rows, kv_len):
     """
     The block mask of one step, built from the clustering directly (never by
     evaluating the mask element-wise): query block i of head h needs the key
     blocks of the experts its rows hold, a contiguous range since rows are sorted.
-    q_expert: (N_h, L) the expert of each clustered row, ascending per head.
+    q_expert: (N_h, L) the expert of each clustered row, ascending per head;
+    expert_rows: key rows per expert.
     """
     from torch.nn.attention.flex_attention import BlockMask
     n_heads, q_len = q_expert.shape
@@ -319,55 +325,52 @@ def expert_block_mask(q_expert, expert_dim, kv_len):
     block_ends = torch.arange(1, n_q_blocks + 1, device=q_expert.device) * FLEX_BLOCK
     first = q_expert[:, ::FLEX_BLOCK]                          # (N_h, n_q_blocks): experts of each
     last = q_expert[:, block_ends.clamp(max=q_len) - 1]        # block's first and last rows
-    kv_first = first * expert_dim // FLEX_BLOCK
-    kv_last = ((last + 1) * expert_dim - 1) // FLEX_BLOCK
+    kv_first = first * expert_rows // FLEX_BLOCK
+    kv_last = ((last + 1) * expert_rows - 1) // FLEX_BLOCK
     kv_indices = kv_first[..., None] + torch.arange(n_kv_blocks, device=q_expert.device)
     kv_indices = kv_indices.clamp(max=n_kv_blocks - 1)  # entries past each row's count are ignored
 
     def same_expert(b, h, q_idx, kv_idx):
-        return q_expert[h, q_idx] == kv_idx // expert_dim
+        return q_expert[h, q_idx] == kv_idx // expert_rows
 
     return BlockMask.from_kv_blocks((kv_last - kv_first + 1)[None].int(), kv_indices[None].int(),
                                     BLOCK_SIZE=FLEX_BLOCK, mask_mod=same_expert, seq_lengths=(q_len, kv_len))
 
 
-def gelu_log_score(score, b, h, q_idx, kv_idx):
-    return torch.log(F.gelu(score) + GELU_OFFSET)
-
-
-def compiled_flex_attention():
-    # FlexAttention is fast only compiled; on the CPU it runs eagerly (the compiled
-    # CPU kernel cannot return the log-normaliser in torch 2.13)
-    from torch.nn.attention.flex_attention import flex_attention
-    global _compiled_flex
-    if "_compiled_flex" not in globals():
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex
+@functools.cache
+def compiled(fn):
+    return torch.compile(fn)
 
 
 def expert_ffn_flex(x, idx, gates, w1, w2):
-    """IO-aware expert computation (Sec. 3.4): one FlexAttention call for all experts of all heads."""
+    """IO-aware expert computation (Sec. 3.4): one FlexAttention call for all experts of all heads.
+    On CUDA compiled as a whole, so the clustering, gathers and epilogue fuse around the
+    attention kernel; eager on the CPU, where FlexAttention has a forward only."""
+    return (compiled(flex_experts) if x.is_cuda else flex_experts)(x, idx, gates, w1, w2)
+
+
+def flex_experts(x, idx, gates, w1, w2):
     from torch.nn.attention.flex_attention import flex_attention
-    flex = compiled_flex_attention() if x.is_cuda else flex_attention
     N, n_heads, dim = x.shape
     k, (n_expert, expert_dim) = idx.size(-1), w1.shape[1:3]
     order, _ = cluster_by_expert(idx, n_expert)          # head-major: head h owns rows h*N*k ...
     order = order.view(n_heads, N * k)
-    rows = order // k                                    # rows of x.view(N * N_h, d_h)
     q_expert = idx.flatten()[order]                      # (N_h, N*k), ascending per head
-    q = x.reshape(N * n_heads, dim)[rows]                # (N_h, N*k, d_h): the clustered sub-tokens
-    keys = w1.reshape(n_heads, n_expert * expert_dim, dim).to(q.dtype)
-    values = w2.reshape(n_heads, n_expert * expert_dim, dim).to(q.dtype)
-    mask = expert_block_mask(q_expert, expert_dim, n_expert * expert_dim)
-    out, lse = flex(q[None], keys[None], values[None],
-                    score_mod=gelu_log_score, block_mask=mask, scale=1.0, return_lse=True)
-    norm = lse[0].float().exp()[..., None]               # l, (N_h, N*k, 1)
-    correction = -GELU_OFFSET * values.view(n_heads, n_expert, expert_dim, dim).sum(2, dtype=torch.float32)
-    head = torch.arange(n_heads, device=x.device)[:, None]
-    y = torch.addcmul(correction[head, q_expert], out[0].float(), norm)     # O' l - c sum_j V_j
-    y = (y * gates.flatten()[order][..., None]).to(x.dtype)
+    q = x.reshape(N * n_heads, dim)[order // k]          # (N_h, N*k, d_h): the clustered sub-tokens
+    w1, w2 = w1.to(x.dtype), w2.to(x.dtype)
+    keys = torch.cat([w1, w1], 2).view(n_heads, -1, dim)     # per expert [W1_e; W1_e]
+    values = torch.cat([w2, -w2], 2).view(n_heads, -1, dim)  # per expert [W2_e; -W2_e]
+    mask = expert_block_mask(q_expert, 2 * expert_dim, keys.size(1))
+
+    def signed_gelu_log(score, b, h, q_idx, kv_idx):
+        sign = 1 - 2 * (kv_idx // expert_dim % 2)        # +1 in an expert's first copy, -1 in its second
+        return torch.log(F.relu(sign * F.gelu(score)))   # -inf where this copy's weight is 0
+
+    out, lse = flex_attention(q[None], keys[None], values[None], score_mod=signed_gelu_log,
+                              block_mask=mask, scale=1.0, return_lse=True)
+    y = out[0].float() * (lse[0].exp() * gates.flatten()[order])[..., None]  # O' l g, fp32
     # un-cluster with a gather (each pair has one slot) and sum the k slots: no atomics
     flat_order = order.flatten()
     inverse = torch.empty_like(flat_order)
     inverse[flat_order] = torch.arange(len(flat_order), device=x.device)
-    return y.view(-1, dim)[inverse].view(N, n_heads, k, dim).sum(2, dtype=torch.float32).to(x.dtype)
+    return y.view(-1, dim)[inverse].view(N, n_heads, k, dim).sum(2).to(x.dtype)

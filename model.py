@@ -95,6 +95,17 @@ PRESETS = {
     "mh_4b_g":   dict(ffn="mh_latent_moe", n_expert=1536, topk=8, expert_dim=128),
     "mhmoe_2b":  dict(ffn="mh_moe", n_expert=3072, topk=4, expert_dim=256),
 }
+# Reduced scale for the quality comparison on one GPU (README "Quality"): the same
+# ratios, k * d_e = d and N_h * d_h = d, at d = 512; G doubles N_e and k, halves d_e.
+REDUCED = dict(block_size=1024, n_layer=8, n_head=8, n_embd=512, n_dense_layers=1,
+               moe_heads=8, moe_head_dim=64, latent_dim=512)
+PRESETS.update({
+    "mlp_small":    dict(REDUCED, ffn="mlp"),
+    "moe_small":    dict(REDUCED, ffn="moe", n_expert=64, topk=4, expert_dim=128),
+    "latent_small": dict(REDUCED, ffn="latent_moe", n_expert=64, topk=4, expert_dim=128),
+    "mh_small":     dict(REDUCED, ffn="mh_latent_moe", n_expert=64, topk=4, expert_dim=128),
+    "mh_small_g":   dict(REDUCED, ffn="mh_latent_moe", n_expert=128, topk=8, expert_dim=64),
+})
 TINY = dict(block_size=128, n_layer=4, n_head=4, n_embd=128, n_dense_layers=1,
             n_expert=16, topk=2, expert_dim=32, latent_dim=64, moe_heads=4, moe_head_dim=32)
 PRESETS.update({
@@ -196,6 +207,7 @@ class RoutedExperts(nn.Module):
         for p in self.parameters():
             nn.init.normal_(p, std=0.02)  # GPT.init_weights re-draws w2 with the output scaling
 
+    @torch.compiler.disable  # data-dependent routing; the expert kernel compiles on its own (kernels.py)
     def forward(self, x, x_route=None):
         """x: (N, N_h, d_h) sub-tokens; x_route: the sub-tokens to route on (default x)."""
         x_route = x if x_route is None else x_route

@@ -824,3 +824,35 @@ def test_end_to_end_benchmark_reports_throughput(corpus, tmp_path, monkeypatch):
     rows = json.load(open(tmp_path / "e2e.json"))["rows"]
     assert len(rows) == 1 and rows[0]["tokens/s"] > 0 and rows[0]["parallel"] == "dp"
     assert (tmp_path / "e2e.md").exists()
+
+
+def test_step_split_sorts_kernels_into_parts():
+    import bench
+    split = bench.step_split({"_route_fwd_kernel": 1.0, "triton_tem_fused_cat_0": 2.0,
+                              "void at::native::radixSortKVInPlace<long>": 0.25, "flash_fwd_kernel": 3.0,
+                              "ncclDevKernel_AllToAll_RING": 0.5, "ncclDevKernel_AllReduce_Sum_f32": 0.75,
+                              "multi_tensor_apply_kernel<FusedAdamMathFunctor>": 1.5,
+                              "sm90_xmma_gemm_bf16bf16_bf16f32": 4.0, "triton_poi_fused_add_mul_0": 0.125,
+                              "void at::native::sbtopk::gatherTopK<float>": 0.0625})
+    assert split == {"router": 1.0625, "experts": 2.0, "clustering": 0.25, "attention": 3.0,
+                     "all-to-all": 0.5, "all-reduce": 0.75, "optimizer": 1.5, "matmul": 4.0, "other": 0.125}
+
+
+def test_quality_report_tables_seeds_of_finished_runs(corpus, tmp_path, monkeypatch):
+    import bench
+    monkeypatch.setattr(bench, "OUT", str(tmp_path))
+    runs = {f"{preset}_{seed}": (preset, seed) for preset, seed in [("tiny_moe", 1), ("tiny_moe", 2), ("tiny_mlp", 1)]}
+    for name, (preset, seed) in runs.items():
+        args = run_args(corpus, str(tmp_path / name), seed=seed, eval_interval=3, max_steps=3, decay_steps=1)
+        train.main([a for a in args if not a.startswith("--ffn=")] + [f"--preset={preset}", "--block_size=64"])
+    bench.bench_quality([str(tmp_path / name) for name in runs])
+    rows = {r["model"]: r for r in json.load(open(tmp_path / "quality.json"))["rows"]}
+    finals = {name: [json.loads(l)["val_loss"] for l in open(tmp_path / name / "log.jsonl") if "val_loss" in l][-1]
+              for name in runs}
+    assert rows["tiny_moe"]["seeds"] == 2 and rows["tiny_mlp"]["seeds"] == 1
+    assert rows["tiny_moe"]["val loss"] == pytest.approx((finals["tiny_moe_1"] + finals["tiny_moe_2"]) / 2)
+    assert rows["tiny_moe"]["spread"] == pytest.approx(abs(finals["tiny_moe_1"] - finals["tiny_moe_2"]))
+    assert finals["tiny_moe_1"] != finals["tiny_moe_2"]  # the seed changes the run
+    assert rows["tiny_moe"]["active M"] < rows["tiny_moe"]["total M"]
+    with pytest.raises(SystemExit, match="not a finished train.py run"):
+        bench.bench_quality([str(tmp_path)])

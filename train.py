@@ -173,6 +173,11 @@ class TokenStream:
         self.pos, self.epoch = state["pos"], state["epoch"]
 
 
+def to_device(batch, device):
+    # from pinned memory the copy runs asynchronously: the host never waits for the GPU here
+    return batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch
+
+
 # -----------------------------------------------------------------------------
 # Schedule, evaluation, checkpoints
 
@@ -192,7 +197,7 @@ def evaluate(model, stream, n_batches, autocast, device):
     stream.load_state_dict({"pos": 0, "epoch": 0})  # the same validation tokens every time
     total = torch.zeros((), device=device)
     for _ in range(n_batches):
-        x, y = (t.to(device) for t in stream.next_batch())
+        x, y = (to_device(t, device) for t in stream.next_batch())
         with autocast:
             total += model(x, y)[1].float()
     model.train()
@@ -254,7 +259,8 @@ class CollapseWatch:
 
 # -----------------------------------------------------------------------------
 
-def main(argv):
+def main(argv, on_step=None):
+    """on_step(step), if given, is called after every step (bench.py's profiler uses it)."""
     a, config = parse_args(argv)
     if a["deterministic"]:  # what it costs: README, "Reliability"
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -297,6 +303,8 @@ def main(argv):
     if master:
         os.makedirs(a["out_dir"], exist_ok=True)
         print(json.dumps(run_config))
+        with open(os.path.join(a["out_dir"], "config.json"), "w") as f:
+            json.dump(run_config, f, indent=1)
         print(f"parameters: {active / 1e6:.1f}M active / {total / 1e6:.1f}M total | world {world} | "
               f"{layout.mode} over {layout.size} rank(s) | "
               f"{accum} micro-batches of {a['batch_size']}x{config.block_size} per rank per step | "
@@ -336,7 +344,7 @@ def main(argv):
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         for _ in range(accum):
-            x, y = (t.to(device) for t in train_data.next_batch())
+            x, y = (to_device(t, device) for t in train_data.next_batch())
             with autocast:
                 loss = forward(x, y)[1]
             (loss / accum).backward()
@@ -383,6 +391,8 @@ def main(argv):
             raise SystemExit(f"train.py: {bad_steps} non-finite steps in a row, the last at step {step}; "
                              f"stopping with the last checkpoint intact. Lower --lr or check the data, "
                              f"then resume from that checkpoint")
+        if on_step is not None:
+            on_step(step)
         if stop or a["ckpt_interval"] and (step % a["ckpt_interval"] == 0 or step == a["max_steps"]):
             checkpoint(step)
         if stop:
