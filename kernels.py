@@ -297,16 +297,15 @@ def expert_ffn_reference(x, idx, gates, w1, w2):
 # Sec. 3.4: the experts as block-sparse attention. Q = the clustered sub-tokens,
 # K = rows of W1, V = rows of W2, a mask "query's expert == key's expert".
 # With score_mod log(w(s)) and scale 1, FlexAttention returns
-#   O' = sum_j w(s_j) V_j / l   and   log l,   l = sum_j w(s_j),
-# so O' l = sum_j w(s_j) V_j. The weights must be positive. The paper takes
-# w = gelu(s) + 1 and subtracts sum_j V_j afterwards; in bf16 the kernel rounds
-# each weight and O' relative to gelu(s) + 1, not to gelu(s), and the subtraction
-# exposes that error (3.7e-2 at init scale). We split the sign instead: every
-# expert's rows appear twice, K = [W1_e; W1_e], V = [W2_e; -W2_e], weighted by
-# max(gelu(s), 0) in the first copy and max(-gelu(s), 0) in the second, so
-#   O' l = sum_j gelu(s_j) W2_j   exactly, with nothing to cancel:
-# the weights |gelu(s_j)| / l and O' are rounded relative to the signal itself,
-# as in a bf16 grouped GEMM. The price is twice the attention FLOPs.
+#   O = sum_j w(s_j) V_j / l   and   log l,   l = sum_j w(s_j),
+# so O l = sum_j w(s_j) V_j for any weights w >= 0. The paper takes w = gelu(s) + 1
+# and subtracts sum_j V_j afterwards; in bf16 the kernel rounds each weight and O
+# relative to gelu(s) + 1, not to gelu(s), and the subtraction exposes that error
+# (3.7e-2 at init scale). We split the sign instead: one call weighs by
+# max(gelu(s), 0), a second by max(-gelu(s), 0), and
+#   gelu(x W1^T) W2 = O+ l+ - O- l-   exactly, with no offset to cancel:
+# weights and outputs are rounded relative to the signal itself, as in a bf16
+# grouped GEMM. The price is a second pass over the same block mask.
 FLEX_BLOCK = 128
 FLEX_MAX_DIM = 256  # FlexAttention's largest head dimension
 
@@ -339,14 +338,25 @@ def expert_block_mask(q_expert, expert_rows, kv_len):
 
 @functools.cache
 def compiled(fn):
-    return torch.compile(fn)
+    return torch.compile(fn, dynamic=False)  # FlexAttention fails to compile with symbolic sizes
 
 
 def expert_ffn_flex(x, idx, gates, w1, w2):
-    """IO-aware expert computation (Sec. 3.4): one FlexAttention call for all experts of all heads.
+    """IO-aware expert computation (Sec. 3.4): FlexAttention over all experts of all heads.
     On CUDA compiled as a whole, so the clustering, gathers and epilogue fuse around the
-    attention kernel; eager on the CPU, where FlexAttention has a forward only."""
-    return (compiled(flex_experts) if x.is_cuda else flex_experts)(x, idx, gates, w1, w2)
+    attention kernels; eager on the CPU, where FlexAttention has a forward only."""
+    run = compiled(flex_experts) if x.is_cuda else flex_experts
+    # weights in the compute dtype before the compiled region, so that the cast is not
+    # fused into the kernels' key / value loads, which repeat for every query block
+    return run(x, idx, gates, w1.to(x.dtype), w2.to(x.dtype))
+
+
+def positive_gelu_log(score, b, h, q_idx, kv_idx):
+    return torch.log(F.relu(F.gelu(score)))   # -inf where gelu(s) <= 0: weight 0
+
+
+def negative_gelu_log(score, b, h, q_idx, kv_idx):
+    return torch.log(F.relu(-F.gelu(score)))
 
 
 def flex_experts(x, idx, gates, w1, w2):
@@ -356,19 +366,15 @@ def flex_experts(x, idx, gates, w1, w2):
     order, _ = cluster_by_expert(idx, n_expert)          # head-major: head h owns rows h*N*k ...
     order = order.view(n_heads, N * k)
     q_expert = idx.flatten()[order]                      # (N_h, N*k), ascending per head
-    q = x.reshape(N * n_heads, dim)[order // k]          # (N_h, N*k, d_h): the clustered sub-tokens
-    w1, w2 = w1.to(x.dtype), w2.to(x.dtype)
-    keys = torch.cat([w1, w1], 2).view(n_heads, -1, dim)     # per expert [W1_e; W1_e]
-    values = torch.cat([w2, -w2], 2).view(n_heads, -1, dim)  # per expert [W2_e; -W2_e]
-    mask = expert_block_mask(q_expert, 2 * expert_dim, keys.size(1))
-
-    def signed_gelu_log(score, b, h, q_idx, kv_idx):
-        sign = 1 - 2 * (kv_idx // expert_dim % 2)        # +1 in an expert's first copy, -1 in its second
-        return torch.log(F.relu(sign * F.gelu(score)))   # -inf where this copy's weight is 0
-
-    out, lse = flex_attention(q[None], keys[None], values[None], score_mod=signed_gelu_log,
-                              block_mask=mask, scale=1.0, return_lse=True)
-    y = out[0].float() * (lse[0].exp() * gates.flatten()[order])[..., None]  # O' l g, fp32
+    q = x.reshape(N * n_heads, dim)[order // k][None]    # (1, N_h, N*k, d_h): the clustered sub-tokens
+    keys, values = (w.reshape(1, n_heads, n_expert * expert_dim, dim) for w in (w1, w2))
+    mask = expert_block_mask(q_expert, expert_dim, keys.size(2))
+    y = 0
+    for sign, score_mod in ((1, positive_gelu_log), (-1, negative_gelu_log)):
+        out, lse = flex_attention(q, keys, values, score_mod=score_mod, block_mask=mask, scale=1.0,
+                                  return_lse=True)
+        y = y + sign * out[0].float() * lse[0].exp()[..., None]           # O l, fp32
+    y = y * gates.flatten()[order][..., None]
     # un-cluster with a gather (each pair has one slot) and sum the k slots: no atomics
     flat_order = order.flatten()
     inverse = torch.empty_like(flat_order)

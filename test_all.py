@@ -521,9 +521,11 @@ def expert_oracle(x, idx, gates, w1, w2):
     return out
 
 
-@pytest.mark.parametrize("routing", ["uniform", "skewed", "one_expert"])
-def test_flex_expert_forward_matches_fp64_oracle(routing):
-    args = expert_inputs(37, 2, 16, 5, 48, 3, routing)
+@pytest.mark.parametrize("routing,expert_dim", [("uniform", 48), ("skewed", 48), ("one_expert", 48),
+                                                ("uniform", 1)])
+def test_flex_expert_forward_matches_fp64_oracle(routing, expert_dim):
+    # d_e = 1: every row of one of the two sign passes has only -inf scores
+    args = expert_inputs(37, 2, 16, 5, expert_dim, 3, routing)
     want = expert_oracle(*args)
     got = kernels.expert_ffn_flex(*args)
     assert torch.linalg.norm(got.double().cpu() - want) / torch.linalg.norm(want) < 1e-5
@@ -555,7 +557,7 @@ def test_grouped_gemm_experts_for_wide_sub_tokens_match_fp64_on_gpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention backward needs CUDA")
-@pytest.mark.parametrize("shape", [(37, 2, 16, 5, 48, 3), (2048, 8, 128, 64, 256, 4)])
+@pytest.mark.parametrize("shape", [(37, 2, 16, 5, 48, 3), (37, 2, 16, 5, 1, 3), (2048, 8, 128, 64, 256, 4)])
 def test_flex_expert_gradients_match_fp64_on_gpu(shape):
     args = expert_inputs(*shape, routing="uniform", seed=1)
     x, idx, gates, w1, w2 = args
