@@ -343,12 +343,18 @@ def compiled(fn):
 
 def expert_ffn_flex(x, idx, gates, w1, w2):
     """IO-aware expert computation (Sec. 3.4): FlexAttention over all experts of all heads.
-    On CUDA compiled as a whole, so the clustering, gathers and epilogue fuse around the
-    attention kernels; eager on the CPU, where FlexAttention has a forward only."""
+    The clustering runs eagerly; the attention passes and their epilogue are compiled
+    together on CUDA (eager on the CPU, where FlexAttention has a forward only)."""
+    N, n_heads, dim = x.shape
+    order, _ = cluster_by_expert(idx, w1.size(1))
+    order = order.view(n_heads, -1)                     # head-major: head h owns rows h*N*k ...
+    # gathered outside the compiled region: inductor cannot lower FlexAttention on a
+    # query computed in the same graph at lengths off its block size
+    q = x.reshape(N * n_heads, dim)[order // idx.size(-1)]  # (N_h, N*k, d_h): the clustered sub-tokens
     run = compiled(flex_experts) if x.is_cuda else flex_experts
-    # weights in the compute dtype before the compiled region, so that the cast is not
-    # fused into the kernels' key / value loads, which repeat for every query block
-    return run(x, idx, gates, w1.to(x.dtype), w2.to(x.dtype))
+    # weights in the compute dtype here too, so that the cast is not fused into the
+    # kernels' key / value loads, which repeat for every query block
+    return run(q, order, idx.flatten()[order], gates, w1.to(x.dtype), w2.to(x.dtype))
 
 
 def positive_gelu_log(score, b, h, q_idx, kv_idx):
@@ -359,24 +365,22 @@ def negative_gelu_log(score, b, h, q_idx, kv_idx):
     return torch.log(F.relu(-F.gelu(score)))
 
 
-def flex_experts(x, idx, gates, w1, w2):
+def flex_experts(q, order, q_expert, gates, w1, w2):
+    """q: (N_h, N*k, d_h) clustered sub-tokens; order: their flat pair indices;
+    q_expert: their experts, ascending per head. Returns (N, N_h, d_h)."""
     from torch.nn.attention.flex_attention import flex_attention
-    N, n_heads, dim = x.shape
-    k, (n_expert, expert_dim) = idx.size(-1), w1.shape[1:3]
-    order, _ = cluster_by_expert(idx, n_expert)          # head-major: head h owns rows h*N*k ...
-    order = order.view(n_heads, N * k)
-    q_expert = idx.flatten()[order]                      # (N_h, N*k), ascending per head
-    q = x.reshape(N * n_heads, dim)[order // k][None]    # (1, N_h, N*k, d_h): the clustered sub-tokens
+    N, n_heads, k = gates.shape
+    n_expert, expert_dim, dim = w1.shape[1:]
     keys, values = (w.reshape(1, n_heads, n_expert * expert_dim, dim) for w in (w1, w2))
     mask = expert_block_mask(q_expert, expert_dim, keys.size(2))
     y = 0
     for sign, score_mod in ((1, positive_gelu_log), (-1, negative_gelu_log)):
-        out, lse = flex_attention(q, keys, values, score_mod=score_mod, block_mask=mask, scale=1.0,
+        out, lse = flex_attention(q[None], keys, values, score_mod=score_mod, block_mask=mask, scale=1.0,
                                   return_lse=True)
         y = y + sign * out[0].float() * lse[0].exp()[..., None]           # O l, fp32
     y = y * gates.flatten()[order][..., None]
     # un-cluster with a gather (each pair has one slot) and sum the k slots: no atomics
     flat_order = order.flatten()
     inverse = torch.empty_like(flat_order)
-    inverse[flat_order] = torch.arange(len(flat_order), device=x.device)
-    return y.view(-1, dim)[inverse].view(N, n_heads, k, dim).sum(2).to(x.dtype)
+    inverse[flat_order] = torch.arange(len(flat_order), device=q.device)
+    return y.view(-1, dim)[inverse].view(N, n_heads, k, dim).sum(2).to(q.dtype)
