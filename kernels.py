@@ -174,12 +174,14 @@ class TritonRoute(torch.autograd.Function):
         n_tok = x3.size(0)
         scores = torch.empty(n_tok, n_heads, k, device=x.device, dtype=torch.float32)
         index = torch.empty(n_tok, n_heads, k, device=x.device, dtype=torch.int64)
-        grid = (triton.cdiv(n_tok, ROUTE["BLOCK_N"]), n_heads)
+        # at d_h = 256 a (128, d_h) fp32 tile and the pipelined W blocks overflow shared memory
+        block_n = ROUTE["BLOCK_N"] if dim <= 128 else ROUTE["BLOCK_N"] // 2
+        grid = (triton.cdiv(n_tok, block_n), n_heads)
         _route_fwd_kernel[grid](
             x3, weight, bias, scores, index, n_tok, n_expert,
             *x3.stride(), *weight.stride(), bias.stride(0),
             D=dim, BLOCK_D=triton.next_power_of_2(dim), K=k, KP=max(triton.next_power_of_2(k), 2),
-            BLOCK_N=ROUTE["BLOCK_N"], BLOCK_E=ROUTE["BLOCK_E"], PRECISION=ROUTE["precision"],
+            BLOCK_N=block_n, BLOCK_E=ROUTE["BLOCK_E"], PRECISION=ROUTE["precision"],
             num_warps=ROUTE["num_warps"])
         ctx.save_for_backward(x3, weight, index)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype

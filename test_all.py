@@ -446,6 +446,22 @@ def test_triton_router_matches_fp64_in_experts_scores_and_gradients(k):
     torch.testing.assert_close(dw.double(), dw64, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_triton_router_at_every_head_width(dim):
+    x, w, b = route_inputs(37, 2, dim, 100, seed=dim)
+    w.requires_grad_(True)
+    scores, idx = kernels.topk_route_triton(x, w, b, 4)
+    assert_same_experts_up_to_ties(idx, x, w, b, 4)
+    want = torch.einsum("nhd,hde->nhe", x.double(), w.double()).gather(-1, idx)
+    torch.testing.assert_close(scores.double(), want, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(scores)
+    dw, = torch.autograd.grad((scores * g).sum(), w)
+    w64 = w.detach().double().requires_grad_()
+    dw64, = torch.autograd.grad((torch.einsum("nhd,hde->nhe", x.double(), w64).gather(-1, idx) * g.double()).sum(),
+                                w64)
+    torch.testing.assert_close(dw.double(), dw64, rtol=1e-5, atol=1e-5)
+
+
 def test_triton_router_takes_batched_non_contiguous_bf16_inputs():
     x, w, b = route_inputs(21, 4, 64, 70, seed=1, batch=(2,))
     wide = torch.cat([x, x], dim=-1).to(torch.bfloat16)   # (2, 21, 4, 128)
