@@ -43,10 +43,11 @@ def rel_error(got, want):
     return (torch.linalg.norm(got.double() - want.double()) / torch.linalg.norm(want.double())).item()
 
 
-def report(name, rows, columns, plot):
+def report(name, rows, columns, plot, device=None):
+    """device: where the figures were measured, if not on this machine."""
     os.makedirs(OUT, exist_ok=True)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    device = f"{gpu} | torch {torch.__version__} | triton {triton.__version__}"
+    device = device or f"{gpu} | torch {torch.__version__} | triton {triton.__version__}"
     lines = [f"{name} ({device}; command: python bench.py {name})", "",
              "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "-")) for c in columns) + " |" for r in rows]
@@ -390,8 +391,9 @@ def bench_quality(run_dirs):
         ax.legend()
         fig.tight_layout()
         fig.savefig(path, dpi=120)
+    devices = sorted({r["config"].get("device", "device not recorded") for g in runs.values() for r in g})
     report("quality", rows, ["model", "active M", "total M", "seeds", "tokens", "val loss", "spread", "val ppl",
-                             "tokens/s"], plot)
+                             "tokens/s"], plot, device=", ".join(devices))
 
 
 BENCHES = {"router": bench_router, "experts": bench_experts, "a2a": bench_a2a}

@@ -288,7 +288,9 @@ def main(argv, on_step=None):
     val_data = TokenStream(a["data_dir"], "val", a["batch_size"], config.block_size, rank, world,
                            config.vocab_size)
     val_batches = min(a["eval_tokens"], int(val_data.ends[-1]) - 1) // steps_tokens
-    run_config = {"train": a, "model": dataclasses.asdict(config), "world_size": world}
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    run_config = {"train": a, "model": dataclasses.asdict(config), "world_size": world,
+                  "device": f"{gpu} | torch {torch.__version__}"}
 
     step = 0
     if a["resume"]:
