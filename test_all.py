@@ -201,6 +201,7 @@ def test_bad_model_config_is_named(kw, words):
     (["--device=tpu"], ["--device='tpu'"]),
     (["--ckpt_interval=-1"], ["--ckpt_interval=-1", "0 turns it off"]),
     (["--max_bad_steps=0"], ["--max_bad_steps=0", "at least 1"]),
+    (["--route_skew=-1"], ["--route_skew=-1.0", "0 turns it off"]),
 ])
 def test_bad_cli_is_named(argv, words):
     with pytest.raises(SystemExit) as e:
@@ -798,6 +799,18 @@ def test_routing_collapse_is_reported(capsys):
         watch.update(step, shares)
     out = capsys.readouterr().out
     assert out.count("routing collapse") == 1 and "step 6: in MoE layer 0" in out
+
+
+def test_route_skew_sends_every_token_to_the_same_experts(corpus, tmp_path):
+    out = str(tmp_path / "skew")
+    train.main(run_args(corpus, out, route_skew=10.0, max_steps=2, warmup_steps=1, decay_steps=1))
+    config = json.load(open(os.path.join(out, "config.json")))["model"]
+    loads = [json.loads(line)["load_max_over_mean"] for line in open(os.path.join(out, "log.jsonl"))
+             if "load_max_over_mean" in line]
+    assert len(loads) == 2
+    # k of N_e experts take every pick: max / mean load = N_e / k in every MoE layer
+    for load in loads:
+        assert load == pytest.approx([config["n_expert"] / config["topk"]] * len(load))
 
 
 def test_router_scores_stay_fp32_under_autocast(monkeypatch):

@@ -44,6 +44,7 @@ DEFAULTS = dict(
     lr=5e-4, min_lr=0.0, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
     max_steps=15_000, warmup_steps=8000, decay_steps=2000,
     bias_update_rate=1e-3,     # u of the aux-loss-free load balancing
+    route_skew=0.0,            # stress test: start every router bias this much higher on experts 0..k-1
     # system
     device="auto", compile=False, seed=1337, peak_tflops=989.0,  # peak for MFU: H100 dense bf16
     # parallelism: "dp" data parallel only; "ep" expert or "hp" head parallel over parallel_size
@@ -113,6 +114,8 @@ def check_args(a):
                          f"{a['warmup_steps'] + a['decay_steps']}")
     if a["lr"] <= 0 or a["min_lr"] < 0 or a["min_lr"] > a["lr"]:
         bad("lr" if a["lr"] <= 0 else "min_lr", "need 0 <= min_lr <= lr and lr > 0")
+    if a["route_skew"] < 0:
+        bad("route_skew", "it must be at least 0 (0 turns it off)")
     if a["device"] not in ("auto", "cpu", "cuda"):
         bad("device", "choose auto, cpu or cuda")
 
@@ -280,6 +283,8 @@ def main(argv, on_step=None):
 
     model = GPT(config).to(device)  # every rank builds the same whole model from the seed ...
     active, total = model.num_params()
+    for experts in model.routed_experts():  # --route_skew: nearly every token picks the same k experts
+        experts.route_bias[:, :experts.topk] += a["route_skew"]
     parallel.shard_model(model, layout)  # ... and keeps its own expert shard
     optimizer = model.configure_optimizer(a["weight_decay"], a["lr"], (a["beta1"], a["beta2"]),
                                           fused=device.type == "cuda")
