@@ -11,12 +11,14 @@ the validation split (a fixed fraction, by document). A shard is a 32-byte
 header (magic, version, token count, 0 as int64) then uint16 tokens. An
 interrupted run picks up after its last written shard when run again;
 --max_docs=N stops after N documents, and a later run with a larger N (or none)
-carries on.
+carries on. --shuffle_seed=S shuffles the documents of a builtin or local source
+first (they often come ordered by source); -1 keeps their order.
 """
 
 import glob
 import json
 import os
+import random
 import sys
 import time
 from multiprocessing import Pool
@@ -128,7 +130,7 @@ def is_val(i, val_fraction):
 
 
 def prepare(source="fineweb", out_dir=None, val_fraction=0.005, shard_tokens=100_000_000, workers=None,
-            max_docs=0):
+            max_docs=0, shuffle_seed=-1):
     out_dir = out_dir or os.path.join("data", "fineweb" if source == "fineweb" else
                                       "builtin" if source == "builtin" else "local")
     os.makedirs(out_dir, exist_ok=True)
@@ -142,9 +144,15 @@ def prepare(source="fineweb", out_dir=None, val_fraction=0.005, shard_tokens=100
             return state
         print(f"resuming after {state['docs']:,} documents")
     if source == "fineweb":
+        if shuffle_seed >= 0:
+            sys.exit("prepare.py: --shuffle_seed applies to builtin and local sources; FineWeb-Edu's "
+                     "sample is shuffled already")
         docs = fineweb_docs(state["docs"])
     else:
         docs = builtin_docs() if source == "builtin" else local_docs(source)
+        if shuffle_seed >= 0:  # local files often come ordered by source; the train stream should not be
+            docs = list(docs)  # the whole corpus in memory; the same seed gives the same order on resume
+            random.Random(shuffle_seed).shuffle(docs)
         docs = (d for i, d in enumerate(docs) if i >= state["docs"])
 
     buffers = {"train": [], "val": []}
@@ -191,7 +199,7 @@ def prepare(source="fineweb", out_dir=None, val_fraction=0.005, shard_tokens=100
 
 def parse_args(argv):
     defaults = dict(source="fineweb", out_dir="", val_fraction=0.005, shard_tokens=100_000_000, workers=0,
-                    max_docs=0)
+                    max_docs=0, shuffle_seed=-1)
     args = dict(defaults)
     for arg in argv:
         key, eq, value = arg.removeprefix("--").partition("=")
@@ -210,4 +218,4 @@ def parse_args(argv):
 if __name__ == "__main__":
     a = parse_args(sys.argv[1:])
     prepare(a["source"], a["out_dir"] or None, a["val_fraction"], a["shard_tokens"], a["workers"] or None,
-            a["max_docs"])
+            a["max_docs"], a["shuffle_seed"])

@@ -8,6 +8,7 @@ single-process runs for multi-process ones, uninterrupted runs for resumed ones.
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -225,6 +226,18 @@ def corpus(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("builtin"))
     prepare.prepare("builtin", out, val_fraction=0.1, workers=2)
     return out
+
+
+def test_prepare_shuffles_local_documents_on_request(tmp_path):
+    prepare.prepare("builtin", str(tmp_path / "shuffled"), val_fraction=0.1, workers=2, shuffle_seed=3)
+    docs = prepare.builtin_docs()
+    random.Random(3).shuffle(docs)
+    enc = prepare.encoder()
+    want = np.concatenate([enc.encode_ordinary(d) + [prepare.EOT] for i, d in enumerate(docs)
+                           if not prepare.is_val(i, 0.1)])
+    assert np.array_equal(np.asarray(prepare.open_shard(str(tmp_path / "shuffled" / "train_000000.bin"))), want)
+    with pytest.raises(SystemExit, match="shuffled already"):
+        prepare.prepare("fineweb", str(tmp_path / "fineweb"), shuffle_seed=0)
 
 
 def test_prepare_writes_gpt2_tokens_with_eot_between_documents(corpus):
