@@ -239,7 +239,7 @@ def cluster_by_expert(idx, n_expert):
     Fig. 2's clustering: sort the (token, head, slot) pairs by (head, expert), stably.
     idx: (N, N_h, k). Returns the flat pair indices (into N*N_h*k) in clustered order
     and the group boundaries, (N_h * N_e + 1,): the pairs of group g = head * N_e + expert
-    are order[starts[g]:starts[g + 1]]. Static shapes throughout, so it compiles.
+    are order[starts[g]:starts[g + 1]]. Static shapes throughout (no bincount).
     """
     N, n_sets, k = idx.shape
     head = torch.arange(n_sets, device=idx.device, dtype=torch.int32).view(1, -1, 1)
