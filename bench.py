@@ -308,7 +308,7 @@ def bench_e2e(argv):
     tps = a["batch_tokens"] / ms * 1e3
     with torch.device("meta"):
         flops = GPT(config).flops_per_token()
-    fields = {f.name for f in dataclasses.fields(config)}
+    fields = {f.name for f in dataclasses.fields(config)} | {"route_skew"}  # what tells rows apart
     changed = [arg.removeprefix("--") for arg in rest if arg.removeprefix("--").partition("=")[0] in fields]
     row = {"model": " ".join([a["preset"] or config.ffn] + changed), "parallel": a["parallel"], "GPUs": world,
            "global batch": a["batch_tokens"], "step ms": ms, "tokens/s": tps,

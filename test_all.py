@@ -867,6 +867,9 @@ def test_end_to_end_benchmark_reports_throughput(corpus, tmp_path, monkeypatch):
     bench.bench_e2e(args + ["--bench_warmup=1", "--bench_steps=2"])
     rows = json.load(open(tmp_path / "e2e.json"))["rows"]
     assert len(rows) == 1 and rows[0]["tokens/s"] > 0 and rows[0]["parallel"] == "dp"
+    bench.bench_e2e(args + ["--bench_warmup=1", "--bench_steps=1", "--route_skew=5"])  # a row of its own
+    rows = json.load(open(tmp_path / "e2e.json"))["rows"]
+    assert len(rows) == 2 and rows[1]["model"].endswith("route_skew=5")
     assert (tmp_path / "e2e.md").exists()
 
 
