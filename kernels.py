@@ -249,6 +249,21 @@ def cluster_by_expert(idx, n_expert):
     return order, torch.searchsorted(group[order], bounds)
 
 
+def uncluster(y, order, gates):
+    """
+    The inverse of the clustering, with Eq. 1's weighted sum: y holds one output row per
+    (token, set, slot) pair in clustered order (order: their flat indices into (N, S, k)).
+    Returns sum_j g_j y_j per (token, set), (N, S, d). Each pair has one slot, so this is a
+    gather and a sum over k: no atomics, deterministic.
+    """
+    N, n_sets, k = gates.shape
+    flat = order.flatten()
+    inverse = torch.empty_like(flat)
+    inverse[flat] = torch.arange(len(flat), device=flat.device)
+    y = y.reshape(-1, y.size(-1))[inverse].view(N, n_sets, k, -1)
+    return (y * gates[..., None].to(y.dtype)).sum(2)
+
+
 def expert_ffn(x, idx, gates, w1, w2):
     """
     x: (N, N_h, d_h) sub-tokens; idx, gates: (N, N_h, k);
@@ -275,9 +290,7 @@ def expert_ffn_grouped(x, idx, gates, w1, w2):
     xs = x.reshape(N * n_sets, dim)[rows].view(n_sets, N * k, dim)
     ys = [torch._grouped_mm(F.gelu(torch._grouped_mm(xs[h], w1[h].transpose(1, 2), offs=ends[h])),
                             w2[h], offs=ends[h]) for h in range(n_sets)]
-    y = torch.cat(ys) * gates.flatten()[order, None].to(x.dtype)
-    out = torch.zeros(N * n_sets, dim, device=x.device, dtype=y.dtype).index_add(0, rows, y)
-    return out.view(N, n_sets, dim)
+    return uncluster(torch.cat(ys), order, gates)
 
 
 def expert_ffn_reference(x, idx, gates, w1, w2):
@@ -290,10 +303,7 @@ def expert_ffn_reference(x, idx, gates, w1, w2):
     w1g, w2g = w1.flatten(0, 1), w2.flatten(0, 1)       # (N_h * N_e, d_e, d_h)
     ys = [F.gelu(chunk @ w1g[g].T) @ w2g[g]
           for g, chunk in enumerate(torch.split(xs, starts.diff().tolist())) if chunk.numel()]
-    y = torch.cat(ys) if ys else xs  # no pairs at all: an empty result
-    y = y * gates.flatten()[order, None].to(x.dtype)
-    out = torch.zeros(N * n_sets, dim, device=x.device, dtype=y.dtype).index_add(0, rows, y)
-    return out.view(N, n_sets, dim)
+    return uncluster(torch.cat(ys) if ys else xs, order, gates)  # no pairs at all: an empty result
 
 
 # Sec. 3.4: the experts as block-sparse attention. Q = the clustered sub-tokens,
@@ -371,8 +381,7 @@ def flex_experts(q, order, q_expert, gates, w1, w2):
     """q: (N_h, N*k, d_h) clustered sub-tokens; order: their flat pair indices;
     q_expert: their experts, ascending per head. Returns (N, N_h, d_h)."""
     from torch.nn.attention.flex_attention import flex_attention
-    N, n_heads, k = gates.shape
-    n_expert, expert_dim, dim = w1.shape[1:]
+    n_heads, n_expert, expert_dim, dim = w1.shape
     keys, values = (w.reshape(1, n_heads, n_expert * expert_dim, dim) for w in (w1, w2))
     mask = expert_block_mask(q_expert, expert_dim, keys.size(2))
     y = 0
@@ -380,9 +389,4 @@ def flex_experts(q, order, q_expert, gates, w1, w2):
         out, lse = flex_attention(q[None], keys, values, score_mod=score_mod, block_mask=mask, scale=1.0,
                                   return_lse=True)
         y = y + sign * out[0].float() * lse[0].exp()[..., None]           # O l, fp32
-    y = y * gates.flatten()[order][..., None]
-    # un-cluster with a gather (each pair has one slot) and sum the k slots: no atomics
-    flat_order = order.flatten()
-    inverse = torch.empty_like(flat_order)
-    inverse[flat_order] = torch.arange(len(flat_order), device=q.device)
-    return y.view(-1, dim)[inverse].view(N, n_heads, k, dim).sum(2).to(q.dtype)
+    return uncluster(y, order, gates).to(q.dtype)

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import kernels
+
 
 def init_distributed(device="auto"):
     """Returns (rank, world_size, device)."""
@@ -268,7 +270,6 @@ class ExpertParallel:
 
     def __call__(self, x, idx, gates, w1, w2):
         # x: (N, S, d_h); idx, gates: (N, S, k); w1, w2: (S, N_e/P, d_e, d_h), this rank's experts
-        import kernels
         x_recv, local = self.dispatch(x, idx)
         ones = torch.ones(len(local), 1, 1, device=x.device, dtype=x.dtype)
         y = kernels.expert_ffn(x_recv[:, None], local.view(-1, 1, 1), ones,  # experts of all S sets
@@ -286,17 +287,14 @@ class ExpertParallel:
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=group)  # the metadata exchange HP does without
         self.splits = (send.tolist(), recv.tolist())
-        self.rows, self.shape = self.order // k, (N, S, dim)  # pair -> row of x.view(N*S, d_h)
-        local = (self.rows % S) * E + idx.flatten()[self.order] % E
+        rows = self.order // k  # pair -> row of x.view(N*S, d_h)
+        local = (rows % S) * E + idx.flatten()[self.order] % E
         local_recv = local.new_empty(sum(self.splits[1]))
         dist.all_to_all_single(local_recv, local, self.splits[1], self.splits[0], group=group)
-        x_recv = AllToAll.apply(x.reshape(N * S, dim)[self.rows], self.splits[1], self.splits[0], group)
+        x_recv = AllToAll.apply(x.reshape(N * S, dim)[rows], self.splits[1], self.splits[0], group)
         return x_recv, local_recv
 
     def combine(self, y_recv, gates):
         """Return the experts' outputs to their tokens; sum them weighted by the gates (Eq. 1)."""
-        N, S, dim = self.shape
         y = AllToAll.apply(y_recv, self.splits[0], self.splits[1], self.layout.group)
-        y = y * gates.flatten()[self.order, None].to(y.dtype)
-        out = torch.zeros(N * S, dim, device=y.device, dtype=y.dtype).index_add(0, self.rows, y)
-        return out.view(N, S, dim)
+        return kernels.uncluster(y, self.order, gates)
