@@ -288,8 +288,11 @@ def bench_e2e(argv):
     timed_end = counts["bench_warmup"] + counts["bench_steps"]
     gpu = torch.cuda.is_available() and a["device"] != "cpu"
     total = timed_end + gpu  # the profiled step comes after the timed ones
-    fixed = [f"--max_steps={total}", "--warmup_steps=1", "--decay_steps=0", "--eval_interval=0",
-             "--ckpt_interval=0", f"--log_interval={total}"]
+    # every step at the learning rate of the schedule's first step, as in the warm-up of a
+    # real run: at full rate from step 1, routing collapses onto k experts within a few steps
+    first_lr = a["lr"] / max(a["warmup_steps"], 1)
+    fixed = [f"--max_steps={total}", f"--lr={first_lr}", "--min_lr=0", "--warmup_steps=0", "--decay_steps=0",
+             "--eval_interval=0", "--ckpt_interval=0", f"--log_interval={total}"]
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if gpu else None
 
     def on_step(step):
@@ -313,7 +316,9 @@ def bench_e2e(argv):
     row = {"model": " ".join([a["preset"] or config.ffn] + changed), "parallel": a["parallel"], "GPUs": world,
            "global batch": a["batch_tokens"], "step ms": ms, "tokens/s": tps,
            "MFU %": 100 * flops * tps / (world * a["peak_tflops"] * 1e12) if gpu else "-",
-           "peak GiB": steps[-1]["peak_gib"] or "-", "command": "python bench.py e2e " + " ".join(argv)}
+           "peak GiB": steps[-1]["peak_gib"] or "-",
+           "load max/mean": max(steps[timed_end - 1]["load_max_over_mean"], default="-"),  # worst layer
+           "command": "python bench.py e2e " + " ".join(argv)}
     if prof is not None:
         kernel_times = {e.key: e.self_device_time_total / 1e3 for e in prof.key_averages()
                         if e.device_type == torch.autograd.DeviceType.CUDA}
@@ -336,7 +341,7 @@ def bench_e2e(argv):
         fig.savefig(path, dpi=120)
     split_columns = [f"{part} ms" for part, _ in STEP_PARTS] + ["other ms"]
     report("e2e", rows + [row], ["model", "parallel", "GPUs", "global batch", "step ms", "tokens/s", "MFU %",
-                                 "peak GiB"] + split_columns, plot)
+                                 "peak GiB", "load max/mean"] + split_columns, plot)
 
 
 # -----------------------------------------------------------------------------

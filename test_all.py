@@ -844,6 +844,23 @@ def test_router_scores_stay_fp32_under_autocast(monkeypatch):
                                rtol=1e-6, atol=1e-6)
 
 
+def test_experts_compute_in_the_autocast_dtype(monkeypatch):
+    # MoE's input comes from RMSNorm in fp32 under autocast; its experts must still run in bf16
+    seen = []
+
+    def spy(x, idx, gates, w1, w2):
+        seen.append(x.dtype)
+        return kernels.expert_ffn_reference(x, idx, gates, w1, w2)
+
+    monkeypatch.setattr(kernels, "expert_ffn", spy)
+    block = MoE(small_config(ffn="moe"))
+    x = torch.randn(2, 9, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert block(x).dtype == torch.bfloat16
+    block(x)  # and in fp32 without autocast
+    assert seen == [torch.bfloat16, torch.float32]
+
+
 def test_deterministic_runs_are_bitwise_equal(corpus, tmp_path):
     for name in ("a", "b"):
         train.main(run_args(corpus, str(tmp_path / name), deterministic=1))
@@ -870,6 +887,9 @@ def test_end_to_end_benchmark_reports_throughput(corpus, tmp_path, monkeypatch):
     bench.bench_e2e(args + ["--bench_warmup=1", "--bench_steps=1", "--route_skew=5"])  # a row of its own
     rows = json.load(open(tmp_path / "e2e.json"))["rows"]
     assert len(rows) == 2 and rows[1]["model"].endswith("route_skew=5")
+    # the worst layer's load: near balance at init, every token on the same k experts when skewed
+    assert 1 <= rows[0]["load max/mean"] < SMALL["n_expert"] / SMALL["topk"]
+    assert rows[1]["load max/mean"] == pytest.approx(SMALL["n_expert"] / SMALL["topk"])
     assert (tmp_path / "e2e.md").exists()
 
 
