@@ -329,19 +329,22 @@ def bench_e2e(argv):
     path = os.path.join(OUT, "e2e.json")
     rows = json.load(open(path))["rows"] if os.path.exists(path) else []
     rows = [r for r in rows if (r["model"], r["parallel"], r["GPUs"]) != (row["model"], row["parallel"], world)]
+    report("e2e", rows + [row], E2E_COLUMNS, throughput_bars)
 
-    def plot(rows, path):
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows)), 4))
-        ax.bar([f"{r['model']}\n{r['parallel']} x{r['GPUs']}" for r in rows], [r["tokens/s"] for r in rows])
-        ax.set(ylabel="tokens/s", title="training throughput")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-    split_columns = [f"{part} ms" for part, _ in STEP_PARTS] + ["other ms"]
-    report("e2e", rows + [row], ["model", "parallel", "GPUs", "global batch", "step ms", "tokens/s", "MFU %",
-                                 "peak GiB", "load max/mean"] + split_columns, plot)
+
+E2E_COLUMNS = (["model", "parallel", "GPUs", "global batch", "step ms", "tokens/s", "MFU %", "peak GiB",
+                "load max/mean"] + [f"{part} ms" for part, _ in STEP_PARTS] + ["other ms"])
+
+
+def throughput_bars(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows)), 4))
+    ax.bar([f"{r['model']}\n{r['parallel']} x{r['GPUs']}" for r in rows], [r["tokens/s"] for r in rows])
+    ax.set(ylabel="tokens/s", title="training throughput")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 # -----------------------------------------------------------------------------

@@ -323,12 +323,19 @@ def expert_ffn_reference(x, idx, gates, w1, w2):
 # grouped GEMM. The price is a second pass over the same block mask.
 FLEX_BLOCK = 128
 FLEX_MAX_DIM = 256  # FlexAttention's largest head dimension
-# Tiles for d_h <= 128, from a sweep on an H100 (N_e = 384, d_e = 256, k = 4): the default
-# forward tiles run 3x slower at 16 heads of 64 (11.2 ms against 3.7 at 16,384 tokens) and
-# match these at 8 of 128; the backward's gain 10% (16.1 against 17.8 ms fwd+bwd at 32,768).
-FLEX_OPTIONS = dict(fwd_BLOCK_M=64, fwd_BLOCK_N=64, fwd_num_warps=4, fwd_num_stages=3,
-                    bwd_BLOCK_M1=32, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=32,
-                    bwd_num_warps=4, bwd_num_stages=3)
+# Kernel tiles from a sweep on an H100 (N_e = 384, d_e = 256, k = 4). At d_h <= 64 the
+# default forward tiles run 3x slower (16 heads of 64, 16,384 tokens: 11.2 ms against 3.7);
+# at 128 they are as fast as any tried and faster at 2,048 tokens. The backward tiles gain
+# 10% at d_h 64 and 128 (fwd+bwd at 32,768 tokens, 8 heads of 128: 16.1 ms against 17.8).
+FLEX_FORWARD = dict(fwd_BLOCK_M=64, fwd_BLOCK_N=64, fwd_num_warps=4, fwd_num_stages=3)
+FLEX_BACKWARD = dict(bwd_BLOCK_M1=32, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=32,
+                     bwd_num_warps=4, bwd_num_stages=3)
+
+
+def flex_options(dim):
+    if dim > 128:
+        return None  # FlexAttention's own choice
+    return FLEX_BACKWARD | (FLEX_FORWARD if dim <= 64 else {})
 
 
 def expert_block_mask(q_expert, expert_rows, kv_len):
@@ -393,7 +400,7 @@ def flex_experts(q, order, q_expert, gates, w1, w2):
     n_heads, n_expert, expert_dim, dim = w1.shape
     keys, values = (w.reshape(1, n_heads, n_expert * expert_dim, dim) for w in (w1, w2))
     mask = expert_block_mask(q_expert, expert_dim, keys.size(2))
-    options = FLEX_OPTIONS if q.is_cuda and dim <= 128 else None
+    options = flex_options(dim) if q.is_cuda else None
     y = 0
     for sign, score_mod in ((1, positive_gelu_log), (-1, negative_gelu_log)):
         out, lse = flex_attention(q[None], keys, values, score_mod=score_mod, block_mask=mask, scale=1.0,
