@@ -217,8 +217,8 @@ class RoutedExperts(nn.Module):
         if self.training:
             self.count_load(idx)
         ffn = kernels.expert_ffn if self.expert_parallel is None else self.expert_parallel
-        if torch.is_autocast_enabled(x.device.type):  # the experts compute as a Linear would: in
-            x = x.to(torch.get_autocast_dtype(x.device.type))  # bf16, though MoE's x comes fp32 from RMSNorm
+        if torch.is_autocast_enabled(x.device.type):  # compute as a Linear would, in bf16, though
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # MoE's x comes from RMSNorm in fp32
         return ffn(x, idx, gates.to(x.dtype), self.w1, self.w2)
 
     @torch.no_grad()
