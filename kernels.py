@@ -332,34 +332,25 @@ FLEX_BACKWARD = dict(bwd_BLOCK_M1=32, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOC
                      bwd_num_warps=4, bwd_num_stages=3)
 
 
-def query_block(dim, rows_per_expert):
-    """
-    Rows per query block. A block reads the key blocks of every expert its rows
-    hold, about q_block / rows_per_expert of them: with many experts of few rows
-    each, halving the block halves that work (ours are for d_h <= 128).
-    """
-    return FLEX_BLOCK // 2 if dim <= 128 and rows_per_expert < FLEX_BLOCK // 2 else FLEX_BLOCK
-
-
-def flex_options(dim, q_block):
+def flex_options(dim):
     if dim > 128:
         return None  # FlexAttention's own choice
-    return FLEX_BACKWARD | (FLEX_FORWARD if dim <= 64 or q_block < FLEX_BLOCK else {})
+    return FLEX_BACKWARD | (FLEX_FORWARD if dim <= 64 else {})
 
 
-def expert_block_mask(q_expert, expert_rows, kv_len, q_block=FLEX_BLOCK):
+def expert_block_mask(q_expert, expert_rows, kv_len):
     """
     The block mask of one step, built from the clustering directly (never by
     evaluating the mask element-wise): query block i of head h needs the key
     blocks of the experts its rows hold, a contiguous range since rows are sorted.
     q_expert: (N_h, L) the expert of each clustered row, ascending per head;
-    expert_rows: key rows per expert; q_block: rows per query block.
+    expert_rows: key rows per expert.
     """
     from torch.nn.attention.flex_attention import BlockMask
     n_heads, q_len = q_expert.shape
-    n_q_blocks, n_kv_blocks = -(-q_len // q_block), -(-kv_len // FLEX_BLOCK)
-    block_ends = torch.arange(1, n_q_blocks + 1, device=q_expert.device) * q_block
-    first = q_expert[:, ::q_block]                             # (N_h, n_q_blocks): experts of each
+    n_q_blocks, n_kv_blocks = -(-q_len // FLEX_BLOCK), -(-kv_len // FLEX_BLOCK)
+    block_ends = torch.arange(1, n_q_blocks + 1, device=q_expert.device) * FLEX_BLOCK
+    first = q_expert[:, ::FLEX_BLOCK]                          # (N_h, n_q_blocks): experts of each
     last = q_expert[:, block_ends.clamp(max=q_len) - 1]        # block's first and last rows
     kv_first = first * expert_rows // FLEX_BLOCK
     kv_last = ((last + 1) * expert_rows - 1) // FLEX_BLOCK
@@ -370,8 +361,7 @@ def expert_block_mask(q_expert, expert_rows, kv_len, q_block=FLEX_BLOCK):
         return q_expert[h, q_idx] == kv_idx // expert_rows
 
     return BlockMask.from_kv_blocks((kv_last - kv_first + 1)[None].int(), kv_indices[None].int(),
-                                    BLOCK_SIZE=(q_block, FLEX_BLOCK), mask_mod=same_expert,
-                                    seq_lengths=(q_len, kv_len))
+                                    BLOCK_SIZE=FLEX_BLOCK, mask_mod=same_expert, seq_lengths=(q_len, kv_len))
 
 
 @functools.cache
@@ -409,9 +399,8 @@ def flex_experts(q, order, q_expert, gates, w1, w2):
     from torch.nn.attention.flex_attention import flex_attention
     n_heads, n_expert, expert_dim, dim = w1.shape
     keys, values = (w.reshape(1, n_heads, n_expert * expert_dim, dim) for w in (w1, w2))
-    q_block = query_block(dim, q.size(1) / n_expert)
-    mask = expert_block_mask(q_expert, expert_dim, keys.size(2), q_block)
-    options = flex_options(dim, q_block) if q.is_cuda else None
+    mask = expert_block_mask(q_expert, expert_dim, keys.size(2))
+    options = flex_options(dim) if q.is_cuda else None
     y = 0
     for sign, score_mod in ((1, positive_gelu_log), (-1, negative_gelu_log)):
         out, lse = flex_attention(q[None], keys, values, score_mod=score_mod, block_mask=mask, scale=1.0,
