@@ -296,6 +296,150 @@ def expert_ffn_grouped(x, idx, gates, w1, w2):
     return uncluster(torch.cat(ys), order, gates)
 
 
+# A fused grouped GEMM in Triton, a contender to FlexAttention in bench.py: one program
+# per tile of BLOCK_M clustered pairs of one expert computes gelu(x W1^T) W2 chunk by
+# chunk of d_e, so the hidden units never leave the chip. The backward recomputes them:
+# dX per tile, and dW1, dW2 per (expert, chunk) by a loop over the expert's pairs,
+# which sums in a fixed order (deterministic, no atomics).
+FUSED = dict(BLOCK_M=64, BLOCK_H=64, num_warps=4)
+
+
+@triton.jit
+def _gelu_and_slope(pre):
+    cdf = 0.5 * (1.0 + tl.erf(pre * 0.7071067811865476))
+    return pre * cdf, cdf + pre * tl.exp(-0.5 * pre * pre) * 0.3989422804014327
+
+
+@triton.jit
+def _fused_experts_fwd_kernel(XS, W1, W2, Y, TileGroup, TileStart, TileEnd, hidden,
+                              D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
+    t = tl.program_id(0)
+    g, start, end = tl.load(TileGroup + t), tl.load(TileStart + t), tl.load(TileEnd + t)
+    if start < end:  # tiles past the last one are empty
+        m = start + tl.arange(0, BLOCK_M)
+        d = tl.arange(0, BLOCK_D)
+        io_ok = (m < end)[:, None] & (d < D)[None, :]
+        x = tl.load(XS + m[:, None] * D + d[None, :], mask=io_ok, other=0.0)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        for c in range(0, hidden, BLOCK_H):  # Eq. 1, one chunk of the expert's hidden units
+            j = c + tl.arange(0, BLOCK_H)
+            w_ok = (j < hidden)[:, None] & (d < D)[None, :]
+            w1 = tl.load(W1 + (g * hidden + j[:, None]) * D + d[None, :], mask=w_ok, other=0.0)
+            w2 = tl.load(W2 + (g * hidden + j[:, None]) * D + d[None, :], mask=w_ok, other=0.0)
+            h, _ = _gelu_and_slope(tl.dot(x, tl.trans(w1), input_precision=PRECISION))
+            acc += tl.dot(h.to(x.dtype), w2, input_precision=PRECISION)
+        tl.store(Y + m[:, None] * D + d[None, :], acc.to(Y.dtype.element_ty), mask=io_ok)
+
+
+@triton.jit
+def _fused_experts_dx_kernel(XS, DY, W1, W2, DX, TileGroup, TileStart, TileEnd, hidden,
+                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
+    t = tl.program_id(0)
+    g, start, end = tl.load(TileGroup + t), tl.load(TileStart + t), tl.load(TileEnd + t)
+    if start < end:
+        m = start + tl.arange(0, BLOCK_M)
+        d = tl.arange(0, BLOCK_D)
+        io_ok = (m < end)[:, None] & (d < D)[None, :]
+        x = tl.load(XS + m[:, None] * D + d[None, :], mask=io_ok, other=0.0)
+        dy = tl.load(DY + m[:, None] * D + d[None, :], mask=io_ok, other=0.0)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        for c in range(0, hidden, BLOCK_H):  # dX = sum_c (dY W2_c^T * gelu'(x W1_c^T)) W1_c
+            j = c + tl.arange(0, BLOCK_H)
+            w_ok = (j < hidden)[:, None] & (d < D)[None, :]
+            w1 = tl.load(W1 + (g * hidden + j[:, None]) * D + d[None, :], mask=w_ok, other=0.0)
+            w2 = tl.load(W2 + (g * hidden + j[:, None]) * D + d[None, :], mask=w_ok, other=0.0)
+            _, slope = _gelu_and_slope(tl.dot(x, tl.trans(w1), input_precision=PRECISION))
+            dpre = tl.dot(dy, tl.trans(w2), input_precision=PRECISION) * slope
+            acc += tl.dot(dpre.to(x.dtype), w1, input_precision=PRECISION)
+        tl.store(DX + m[:, None] * D + d[None, :], acc.to(DX.dtype.element_ty), mask=io_ok)
+
+
+@triton.jit
+def _fused_experts_dw_kernel(XS, DY, W1, W2, DW1, DW2, Starts, hidden,
+                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
+    g, c = tl.program_id(0), tl.program_id(1) * BLOCK_H  # one expert, one chunk of its hidden units
+    start, end = tl.load(Starts + g), tl.load(Starts + g + 1)
+    j = c + tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    w_ok = (j < hidden)[:, None] & (d < D)[None, :]
+    w1 = tl.load(W1 + (g * hidden + j[:, None]) * D + d[None, :], mask=w_ok, other=0.0)
+    w2 = tl.load(W2 + (g * hidden + j[:, None]) * D + d[None, :], mask=w_ok, other=0.0)
+    dw1 = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
+    dw2 = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
+    for m0 in range(start, end, BLOCK_M):  # the expert's pairs, in order
+        m = m0 + tl.arange(0, BLOCK_M)
+        io_ok = (m < end)[:, None] & (d < D)[None, :]
+        x = tl.load(XS + m[:, None] * D + d[None, :], mask=io_ok, other=0.0)
+        dy = tl.load(DY + m[:, None] * D + d[None, :], mask=io_ok, other=0.0)
+        h, slope = _gelu_and_slope(tl.dot(x, tl.trans(w1), input_precision=PRECISION))
+        dpre = tl.dot(dy, tl.trans(w2), input_precision=PRECISION) * slope
+        dw1 += tl.dot(tl.trans(dpre.to(x.dtype)), x, input_precision=PRECISION)  # dW1_c = dPre^T X
+        dw2 += tl.dot(tl.trans(h.to(x.dtype)), dy, input_precision=PRECISION)    # dW2_c = H^T dY
+    tl.store(DW1 + (g * hidden + j[:, None]) * D + d[None, :], dw1.to(DW1.dtype.element_ty), mask=w_ok)
+    tl.store(DW2 + (g * hidden + j[:, None]) * D + d[None, :], dw2.to(DW2.dtype.element_ty), mask=w_ok)
+
+
+def tile_table(starts, n_pairs, block_m):
+    """
+    (group, first pair, end) of every tile of up to block_m pairs of one expert, as
+    int32 tensors padded with empty tiles to a static count (sum_g ceil(c_g / m) is at
+    most ceil(P / m) + G), so that no count is read back to the host.
+    """
+    n_groups = starts.numel() - 1
+    tiles = (starts.diff() + block_m - 1) // block_m
+    last = tiles.cumsum(0)                                   # tiles of groups 0..g
+    t = torch.arange(triton.cdiv(n_pairs, block_m) + n_groups, device=starts.device)
+    group = torch.searchsorted(last, t, right=True).clamp(max=n_groups - 1)
+    first = starts[group] + (t - (last[group] - tiles[group])) * block_m
+    end = torch.where(t < last[-1], torch.minimum(first + block_m, starts[group + 1]), first)
+    return group.int(), first.int(), end.int()
+
+
+def fused_launch(xs, dim):
+    return dict(D=dim, BLOCK_D=max(triton.next_power_of_2(dim), 16), BLOCK_M=FUSED["BLOCK_M"],
+                BLOCK_H=FUSED["BLOCK_H"], PRECISION="ieee" if xs.dtype == torch.float32 else None,
+                num_warps=FUSED["num_warps"])
+
+
+class FusedExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xs, w1, w2, starts):
+        n_pairs, dim = xs.shape
+        hidden = w1.size(-2)
+        tiles = tile_table(starts, n_pairs, FUSED["BLOCK_M"])
+        y = torch.empty_like(xs)
+        _fused_experts_fwd_kernel[(tiles[0].numel(),)](
+            xs, w1, w2, y, *tiles, hidden, **fused_launch(xs, dim))
+        ctx.save_for_backward(xs, w1, w2, starts, *tiles)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xs, w1, w2, starts, *tiles = ctx.saved_tensors
+        n_groups, hidden, dim = w1.shape
+        dy = dy.contiguous()
+        dxs = torch.empty_like(xs)
+        _fused_experts_dx_kernel[(tiles[0].numel(),)](
+            xs, dy, w1, w2, dxs, *tiles, hidden, **fused_launch(xs, dim))
+        dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
+        _fused_experts_dw_kernel[(n_groups, triton.cdiv(hidden, FUSED["BLOCK_H"]))](
+            xs, dy, w1, w2, dw1, dw2, starts, hidden, **fused_launch(xs, dim))
+        return dxs, dw1, dw2, None
+
+
+def expert_ffn_fused(x, idx, gates, w1, w2):
+    """The fused Triton grouped GEMM over the clustered pairs (CUDA, or the interpreter)."""
+    N, n_sets, dim = x.shape
+    n_expert, hidden = w1.size(1), w1.size(2)
+    order, starts = cluster_by_expert(idx, n_expert)
+    xs = x.reshape(N * n_sets, dim)[order // idx.size(-1)]
+    w1, w2 = (w.to(x.dtype).reshape(n_sets * n_expert, hidden, dim).contiguous() for w in (w1, w2))
+    return uncluster(FusedExperts.apply(xs, w1, w2, starts), order, gates)
+
+
 def expert_ffn_reference(x, idx, gates, w1, w2):
     # a per-expert loop over the clustered pairs: dropless, every pair computed
     N, n_sets, dim = x.shape
