@@ -267,18 +267,18 @@ def uncluster(y, order, gates):
     return (y * gates[..., None].to(y.dtype)).sum(2)
 
 
-def expert_ffn(x, idx, gates, w1, w2):
+def expert_ffn(x, idx, gates, w1, w2, kernel="flex"):
     """
     x: (N, N_h, d_h) sub-tokens; idx, gates: (N, N_h, k);
     w1, w2: (N_h, N_e, d_e, d_h). Returns (N, N_h, d_h).
-    FlexAttention on CUDA, the plain twin elsewhere.
+    On CUDA the kernel named ("flex", "fused" or "grouped"), the plain twin elsewhere.
     """
     check_expert_args(x, idx, gates, w1, w2)
     if not x.is_cuda or x.size(0) == 0:
         return expert_ffn_reference(x, idx, gates, w1, w2)
-    if x.size(-1) <= FLEX_MAX_DIM:
-        return expert_ffn_flex(x, idx, gates, w1, w2)
-    return expert_ffn_grouped(x, idx, gates, w1, w2)  # sub-tokens too wide for attention kernels
+    if x.size(-1) > FLEX_MAX_DIM or kernel == "grouped":  # too wide for the on-chip kernels
+        return expert_ffn_grouped(x, idx, gates, w1, w2)
+    return {"flex": expert_ffn_flex, "fused": expert_ffn_fused}[kernel](x, idx, gates, w1, w2)
 
 
 def expert_ffn_grouped(x, idx, gates, w1, w2):

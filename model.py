@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import kernels
 
 FFN_KINDS = ("mlp", "moe", "latent_moe", "mh_moe", "mh_latent_moe")
+EXPERT_KERNELS = ("flex", "fused", "grouped")  # kernels.expert_ffn's paths on CUDA
 
 
 @dataclass
@@ -37,6 +38,7 @@ class GPTConfig:
     moe_heads: int = 8            # N_h
     moe_head_dim: int = 128       # d_h
     separate_routing_tokens: bool = False  # Sec. 4.4: route on a second set of sub-tokens
+    expert_kernel: str = "flex"   # on CUDA: FlexAttention (Sec. 3.4), fused Triton or grouped GEMM
 
     def __post_init__(self):
         check_config(self)
@@ -67,6 +69,9 @@ def check_config(c):
         raise config_error("n_head", c.n_head, f"it must divide n_embd={c.n_embd}")
     if (c.n_embd // c.n_head) % 2:
         raise config_error("n_head", c.n_head, "n_embd // n_head must be even for rotary embeddings")
+    if c.expert_kernel not in EXPERT_KERNELS:
+        raise config_error("expert_kernel", c.expert_kernel, f"{did_you_mean(c.expert_kernel, EXPERT_KERNELS)}"
+                                                             f"choose one of {', '.join(EXPERT_KERNELS)}")
     if not c.is_moe:
         return
     if not 0 <= c.n_dense_layers <= c.n_layer:
@@ -193,9 +198,9 @@ class RoutedExperts(nn.Module):
     route_dim: width of the vectors routed on, if not the experts' width.
     """
 
-    def __init__(self, n_sets, dim, n_expert, expert_dim, topk, picks=1, route_dim=None):
+    def __init__(self, n_sets, dim, n_expert, expert_dim, topk, picks=1, route_dim=None, kernel="flex"):
         super().__init__()
-        self.topk, self.n_expert, self.picks = topk, n_expert, picks
+        self.topk, self.n_expert, self.picks, self.kernel = topk, n_expert, picks, kernel
         self.router = nn.Parameter(torch.empty(n_sets, route_dim or dim, n_expert))  # W_r, fp32 always
         self.w1 = nn.Parameter(torch.empty(n_sets, n_expert, expert_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_sets, n_expert, expert_dim, dim))
@@ -219,7 +224,7 @@ class RoutedExperts(nn.Module):
         ffn = kernels.expert_ffn if self.expert_parallel is None else self.expert_parallel
         if torch.is_autocast_enabled(x.device.type):  # compute as a Linear would, in bf16, though
             x = x.to(torch.get_autocast_dtype(x.device.type))  # MoE's x comes from RMSNorm in fp32
-        return ffn(x, idx, gates.to(x.dtype), self.w1, self.w2)
+        return ffn(x, idx, gates.to(x.dtype), self.w1, self.w2, kernel=self.kernel)
 
     @torch.no_grad()
     def count_load(self, idx):
@@ -242,7 +247,7 @@ class MoE(nn.Module):
     def __init__(self, config):
         super().__init__()
         c = config
-        self.experts = RoutedExperts(1, c.n_embd, c.n_expert, c.expert_dim, c.topk)
+        self.experts = RoutedExperts(1, c.n_embd, c.n_expert, c.expert_dim, c.topk, kernel=c.expert_kernel)
 
     def forward(self, x):
         B, T, C = x.size()
@@ -255,7 +260,8 @@ class LatentMoE(nn.Module):
     def __init__(self, config):
         super().__init__()
         c = config
-        self.experts = RoutedExperts(1, c.latent_dim, c.n_expert, c.expert_dim, c.topk, route_dim=c.n_embd)
+        self.experts = RoutedExperts(1, c.latent_dim, c.n_expert, c.expert_dim, c.topk, route_dim=c.n_embd,
+                                     kernel=c.expert_kernel)
         self.w_down = nn.Linear(c.n_embd, c.latent_dim, bias=False)
         self.w_up = nn.Linear(c.latent_dim, c.n_embd, bias=False)
         self.w_up.weight.is_output_projection = True
@@ -275,7 +281,8 @@ class MHMoE(nn.Module):
         c = config
         self.moe_heads = c.moe_heads
         self.w_in = nn.Linear(c.n_embd, c.moe_heads * c.moe_head_dim, bias=False)
-        self.experts = RoutedExperts(1, c.moe_head_dim, c.n_expert, c.expert_dim, c.topk, picks=c.moe_heads)
+        self.experts = RoutedExperts(1, c.moe_head_dim, c.n_expert, c.expert_dim, c.topk, picks=c.moe_heads,
+                                     kernel=c.expert_kernel)
         self.w_out = nn.Linear(c.moe_heads * c.moe_head_dim, c.n_embd, bias=False)
         self.w_out.weight.is_output_projection = True
 
@@ -295,7 +302,8 @@ class MultiHeadLatentMoE(nn.Module):
         self.separate_routing_tokens = c.separate_routing_tokens
         n_in = (2 if c.separate_routing_tokens else 1) * c.moe_heads * c.moe_head_dim
         self.w_in = nn.Linear(c.n_embd, n_in, bias=False)
-        self.experts = RoutedExperts(c.moe_heads, c.moe_head_dim, c.n_expert, c.expert_dim, c.topk)
+        self.experts = RoutedExperts(c.moe_heads, c.moe_head_dim, c.n_expert, c.expert_dim, c.topk,
+                                     kernel=c.expert_kernel)
         self.w_out = nn.Linear(c.moe_heads * c.moe_head_dim, c.n_embd, bias=False)
         self.w_out.weight.is_output_projection = True
         self.head_parallel = None  # parallel.HeadParallel when heads are spread over ranks (Sec. 3.2)

@@ -268,12 +268,12 @@ class ExpertParallel:
         self.layout, self.local_experts = layout, local_experts
         self.splits = None  # (sent, received) rows per peer of the last exchange
 
-    def __call__(self, x, idx, gates, w1, w2):
+    def __call__(self, x, idx, gates, w1, w2, kernel="flex"):
         # x: (N, S, d_h); idx, gates: (N, S, k); w1, w2: (S, N_e/P, d_e, d_h), this rank's experts
         x_recv, local = self.dispatch(x, idx)
         ones = torch.ones(len(local), 1, 1, device=x.device, dtype=x.dtype)
         y = kernels.expert_ffn(x_recv[:, None], local.view(-1, 1, 1), ones,  # experts of all S sets
-                               w1.reshape(1, -1, *w1.shape[2:]), w2.reshape(1, -1, *w2.shape[2:]))
+                               w1.reshape(1, -1, *w1.shape[2:]), w2.reshape(1, -1, *w2.shape[2:]), kernel)
         return self.combine(y[:, 0], gates)
 
     def dispatch(self, x, idx):

@@ -183,6 +183,7 @@ def test_every_preset_builds():
     (dict(n_head=5), ["n_head=5", "divide n_embd"]),
     (dict(ffn="moe", separate_routing_tokens=True), ["separate_routing_tokens", "mh_latent_moe only"]),
     (dict(ffn="moe", n_dense_layers=3), ["n_dense_layers=3", "0..n_layer=2"]),
+    (dict(ffn="moe", expert_kernel="flexx"), ["expert_kernel='flexx'", "did you mean 'flex'"]),
 ])
 def test_bad_model_config_is_named(kw, words):
     with pytest.raises(ValueError) as e:
@@ -858,21 +859,21 @@ def test_router_scores_stay_fp32_under_autocast(monkeypatch):
                                rtol=1e-6, atol=1e-6)
 
 
-def test_experts_compute_in_the_autocast_dtype(monkeypatch):
+def test_experts_compute_in_the_autocast_dtype_with_the_configured_kernel(monkeypatch):
     # MoE's input comes from RMSNorm in fp32 under autocast; its experts must still run in bf16
     seen = []
 
-    def spy(x, idx, gates, w1, w2):
-        seen.append(x.dtype)
+    def spy(x, idx, gates, w1, w2, kernel):
+        seen.append((x.dtype, kernel))
         return kernels.expert_ffn_reference(x, idx, gates, w1, w2)
 
     monkeypatch.setattr(kernels, "expert_ffn", spy)
-    block = MoE(small_config(ffn="moe"))
+    block = MoE(small_config(ffn="moe", expert_kernel="fused"))
     x = torch.randn(2, 9, 48)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert block(x).dtype == torch.bfloat16
     block(x)  # and in fp32 without autocast
-    assert seen == [torch.bfloat16, torch.float32]
+    assert seen == [(torch.bfloat16, "fused"), (torch.float32, "fused")]
 
 
 def test_deterministic_runs_are_bitwise_equal(corpus, tmp_path):
