@@ -196,6 +196,7 @@ class RoutedExperts(nn.Module):
     picks: sub-tokens each token routes through one expert set (for counting
     active parameters: N_h in MH-MoE, whose heads share one set; else 1).
     route_dim: width of the vectors routed on, if not the experts' width.
+    kernel: the expert path on CUDA, one of EXPERT_KERNELS.
     """
 
     def __init__(self, n_sets, dim, n_expert, expert_dim, topk, picks=1, route_dim=None, kernel="flex"):
