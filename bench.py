@@ -271,9 +271,10 @@ def step_split(kernel_times):
 def bench_e2e(argv):
     """
     Runs bench_warmup + bench_steps steps of train.py with the given options (warm-up
-    includes compilation), no validation, no checkpoints, and reports the median
-    timed step; on a GPU one more step runs under torch.profiler to split the step's
-    device time by part. Every run adds or replaces its row in bench_results/e2e.*.
+    includes compilation), no validation, no checkpoints, every step at the learning
+    rate of the schedule's first, and reports the median timed step and the worst
+    layer's expert load; on a GPU one more step runs under torch.profiler to split the
+    step's device time by part. Every run adds or replaces its row in bench_results/e2e.*.
     """
     import tempfile
 
