@@ -267,6 +267,9 @@ def uncluster(y, order, gates):
     return (y * gates[..., None].to(y.dtype)).sum(2)
 
 
+EXPERT_KERNELS = ("flex", "fused", "grouped")  # expert_ffn's paths on CUDA
+
+
 def expert_ffn(x, idx, gates, w1, w2, kernel="flex"):
     """
     x: (N, N_h, d_h) sub-tokens; idx, gates: (N, N_h, k);
@@ -311,6 +314,19 @@ def _gelu_and_slope(pre):
 
 
 @triton.jit
+def _pair_rows(P, m, end, d, D: tl.constexpr):
+    # rows m (< end) of a (pairs, D) tensor in clustered order
+    return tl.load(P + m[:, None] * D + d[None, :], mask=(m < end)[:, None] & (d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _hidden_chunk(W, g, j, d, hidden, D: tl.constexpr):
+    # hidden units j of expert g of a (groups, hidden, D) weight
+    return tl.load(W + (g * hidden + j[:, None]) * D + d[None, :],
+                   mask=(j < hidden)[:, None] & (d < D)[None, :], other=0.0)
+
+
+@triton.jit
 def _fused_experts_fwd_kernel(XS, W1, W2, Y, TileGroup, TileStart, TileEnd, hidden,
                               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
@@ -319,17 +335,15 @@ def _fused_experts_fwd_kernel(XS, W1, W2, Y, TileGroup, TileStart, TileEnd, hidd
     if start < end:  # tiles past the last one are empty
         m = start + tl.arange(0, BLOCK_M)
         d = tl.arange(0, BLOCK_D)
-        io_ok = (m < end)[:, None] & (d < D)[None, :]
-        x = tl.load(XS + m[:, None] * D + d[None, :], mask=io_ok, other=0.0)
+        x = _pair_rows(XS, m, end, d, D)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for c in range(0, hidden, BLOCK_H):  # Eq. 1, one chunk of the expert's hidden units
             j = c + tl.arange(0, BLOCK_H)
-            w_ok = (j < hidden)[:, None] & (d < D)[None, :]
-            w1 = tl.load(W1 + (g * hidden + j[:, None]) * D + d[None, :], mask=w_ok, other=0.0)
-            w2 = tl.load(W2 + (g * hidden + j[:, None]) * D + d[None, :], mask=w_ok, other=0.0)
+            w1, w2 = _hidden_chunk(W1, g, j, d, hidden, D), _hidden_chunk(W2, g, j, d, hidden, D)
             h, _ = _gelu_and_slope(tl.dot(x, tl.trans(w1), input_precision=PRECISION))
             acc += tl.dot(h.to(x.dtype), w2, input_precision=PRECISION)
-        tl.store(Y + m[:, None] * D + d[None, :], acc.to(Y.dtype.element_ty), mask=io_ok)
+        tl.store(Y + m[:, None] * D + d[None, :], acc.to(Y.dtype.element_ty),
+                 mask=(m < end)[:, None] & (d < D)[None, :])
 
 
 @triton.jit
@@ -341,19 +355,16 @@ def _fused_experts_dx_kernel(XS, DY, W1, W2, DX, TileGroup, TileStart, TileEnd, 
     if start < end:
         m = start + tl.arange(0, BLOCK_M)
         d = tl.arange(0, BLOCK_D)
-        io_ok = (m < end)[:, None] & (d < D)[None, :]
-        x = tl.load(XS + m[:, None] * D + d[None, :], mask=io_ok, other=0.0)
-        dy = tl.load(DY + m[:, None] * D + d[None, :], mask=io_ok, other=0.0)
+        x, dy = _pair_rows(XS, m, end, d, D), _pair_rows(DY, m, end, d, D)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for c in range(0, hidden, BLOCK_H):  # dX = sum_c (dY W2_c^T * gelu'(x W1_c^T)) W1_c
             j = c + tl.arange(0, BLOCK_H)
-            w_ok = (j < hidden)[:, None] & (d < D)[None, :]
-            w1 = tl.load(W1 + (g * hidden + j[:, None]) * D + d[None, :], mask=w_ok, other=0.0)
-            w2 = tl.load(W2 + (g * hidden + j[:, None]) * D + d[None, :], mask=w_ok, other=0.0)
+            w1, w2 = _hidden_chunk(W1, g, j, d, hidden, D), _hidden_chunk(W2, g, j, d, hidden, D)
             _, slope = _gelu_and_slope(tl.dot(x, tl.trans(w1), input_precision=PRECISION))
             dpre = tl.dot(dy, tl.trans(w2), input_precision=PRECISION) * slope
             acc += tl.dot(dpre.to(x.dtype), w1, input_precision=PRECISION)
-        tl.store(DX + m[:, None] * D + d[None, :], acc.to(DX.dtype.element_ty), mask=io_ok)
+        tl.store(DX + m[:, None] * D + d[None, :], acc.to(DX.dtype.element_ty),
+                 mask=(m < end)[:, None] & (d < D)[None, :])
 
 
 @triton.jit
@@ -364,20 +375,17 @@ def _fused_experts_dw_kernel(XS, DY, W1, W2, DW1, DW2, Starts, hidden,
     start, end = tl.load(Starts + g), tl.load(Starts + g + 1)
     j = c + tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
-    w_ok = (j < hidden)[:, None] & (d < D)[None, :]
-    w1 = tl.load(W1 + (g * hidden + j[:, None]) * D + d[None, :], mask=w_ok, other=0.0)
-    w2 = tl.load(W2 + (g * hidden + j[:, None]) * D + d[None, :], mask=w_ok, other=0.0)
+    w1, w2 = _hidden_chunk(W1, g, j, d, hidden, D), _hidden_chunk(W2, g, j, d, hidden, D)
     dw1 = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
     dw2 = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
     for m0 in range(start, end, BLOCK_M):  # the expert's pairs, in order
         m = m0 + tl.arange(0, BLOCK_M)
-        io_ok = (m < end)[:, None] & (d < D)[None, :]
-        x = tl.load(XS + m[:, None] * D + d[None, :], mask=io_ok, other=0.0)
-        dy = tl.load(DY + m[:, None] * D + d[None, :], mask=io_ok, other=0.0)
+        x, dy = _pair_rows(XS, m, end, d, D), _pair_rows(DY, m, end, d, D)
         h, slope = _gelu_and_slope(tl.dot(x, tl.trans(w1), input_precision=PRECISION))
         dpre = tl.dot(dy, tl.trans(w2), input_precision=PRECISION) * slope
         dw1 += tl.dot(tl.trans(dpre.to(x.dtype)), x, input_precision=PRECISION)  # dW1_c = dPre^T X
         dw2 += tl.dot(tl.trans(h.to(x.dtype)), dy, input_precision=PRECISION)    # dW2_c = H^T dY
+    w_ok = (j < hidden)[:, None] & (d < D)[None, :]
     tl.store(DW1 + (g * hidden + j[:, None]) * D + d[None, :], dw1.to(DW1.dtype.element_ty), mask=w_ok)
     tl.store(DW2 + (g * hidden + j[:, None]) * D + d[None, :], dw2.to(DW2.dtype.element_ty), mask=w_ok)
 
@@ -398,7 +406,8 @@ def tile_table(starts, n_pairs, block_m):
     return group.int(), first.int(), end.int()
 
 
-def fused_launch(xs, dim):
+def fused_launch(xs):
+    dim = xs.size(1)
     return dict(D=dim, BLOCK_D=max(triton.next_power_of_2(dim), 16), BLOCK_M=FUSED["BLOCK_M"],
                 BLOCK_H=FUSED["BLOCK_H"], PRECISION="ieee" if xs.dtype == torch.float32 else None,
                 num_warps=FUSED["num_warps"])
@@ -407,26 +416,25 @@ def fused_launch(xs, dim):
 class FusedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xs, w1, w2, starts):
-        n_pairs, dim = xs.shape
         hidden = w1.size(-2)
-        tiles = tile_table(starts, n_pairs, FUSED["BLOCK_M"])
+        tiles = tile_table(starts, xs.size(0), FUSED["BLOCK_M"])
         y = torch.empty_like(xs)
         _fused_experts_fwd_kernel[(tiles[0].numel(),)](
-            xs, w1, w2, y, *tiles, hidden, **fused_launch(xs, dim))
+            xs, w1, w2, y, *tiles, hidden, **fused_launch(xs))
         ctx.save_for_backward(xs, w1, w2, starts, *tiles)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         xs, w1, w2, starts, *tiles = ctx.saved_tensors
-        n_groups, hidden, dim = w1.shape
+        n_groups, hidden, _ = w1.shape
         dy = dy.contiguous()
         dxs = torch.empty_like(xs)
         _fused_experts_dx_kernel[(tiles[0].numel(),)](
-            xs, dy, w1, w2, dxs, *tiles, hidden, **fused_launch(xs, dim))
+            xs, dy, w1, w2, dxs, *tiles, hidden, **fused_launch(xs))
         dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
         _fused_experts_dw_kernel[(n_groups, triton.cdiv(hidden, FUSED["BLOCK_H"]))](
-            xs, dy, w1, w2, dw1, dw2, starts, hidden, **fused_launch(xs, dim))
+            xs, dy, w1, w2, dw1, dw2, starts, hidden, **fused_launch(xs))
         return dxs, dw1, dw2, None
 
 

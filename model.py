@@ -19,7 +19,6 @@ import torch.nn.functional as F
 import kernels
 
 FFN_KINDS = ("mlp", "moe", "latent_moe", "mh_moe", "mh_latent_moe")
-EXPERT_KERNELS = ("flex", "fused", "grouped")  # kernels.expert_ffn's paths on CUDA
 
 
 @dataclass
@@ -69,9 +68,10 @@ def check_config(c):
         raise config_error("n_head", c.n_head, f"it must divide n_embd={c.n_embd}")
     if (c.n_embd // c.n_head) % 2:
         raise config_error("n_head", c.n_head, "n_embd // n_head must be even for rotary embeddings")
-    if c.expert_kernel not in EXPERT_KERNELS:
-        raise config_error("expert_kernel", c.expert_kernel, f"{did_you_mean(c.expert_kernel, EXPERT_KERNELS)}"
-                                                             f"choose one of {', '.join(EXPERT_KERNELS)}")
+    if c.expert_kernel not in kernels.EXPERT_KERNELS:
+        choices = kernels.EXPERT_KERNELS
+        raise config_error("expert_kernel", c.expert_kernel,
+                           f"{did_you_mean(c.expert_kernel, choices)}choose one of {', '.join(choices)}")
     if not c.is_moe:
         return
     if not 0 <= c.n_dense_layers <= c.n_layer:
@@ -196,7 +196,7 @@ class RoutedExperts(nn.Module):
     picks: sub-tokens each token routes through one expert set (for counting
     active parameters: N_h in MH-MoE, whose heads share one set; else 1).
     route_dim: width of the vectors routed on, if not the experts' width.
-    kernel: the expert path on CUDA, one of EXPERT_KERNELS.
+    kernel: the expert path on CUDA, one of kernels.EXPERT_KERNELS.
     """
 
     def __init__(self, n_sets, dim, n_expert, expert_dim, topk, picks=1, route_dim=None, kernel="flex"):
