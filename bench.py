@@ -249,7 +249,7 @@ def bench_a2a(tokens=16 * 2048, dim=1024, heads=8, n_expert=384, ks=(1, 2, 4, 8)
 # the parts of a training step, told apart by kernel name (the first pattern that matches)
 STEP_PARTS = (
     ("router", r"_route_|topk"),
-    ("experts", r"flex|triton_tem|grouped|groupproblemshape"),  # the last: CUTLASS grouped GEMMs
+    ("experts", r"_fused_experts_|flex|triton_tem|grouped|groupproblemshape"),  # the last: CUTLASS grouped GEMMs
     ("clustering", r"sort|searchsorted|bincount|histogram"),
     ("attention", r"flash|fmha|attention|sdpa"),
     ("all-to-all", r"alltoall|sendrecv"),

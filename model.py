@@ -37,7 +37,7 @@ class GPTConfig:
     moe_heads: int = 8            # N_h
     moe_head_dim: int = 128       # d_h
     separate_routing_tokens: bool = False  # Sec. 4.4: route on a second set of sub-tokens
-    expert_kernel: str = "flex"   # on CUDA: FlexAttention (Sec. 3.4), fused Triton or grouped GEMM
+    expert_kernel: str = "fused"  # on CUDA: fused Triton, FlexAttention (Sec. 3.4) or grouped GEMM
 
     def __post_init__(self):
         check_config(self)
@@ -199,7 +199,7 @@ class RoutedExperts(nn.Module):
     kernel: the expert path on CUDA, one of kernels.EXPERT_KERNELS.
     """
 
-    def __init__(self, n_sets, dim, n_expert, expert_dim, topk, picks=1, route_dim=None, kernel="flex"):
+    def __init__(self, n_sets, dim, n_expert, expert_dim, topk, picks=1, route_dim=None, kernel="fused"):
         super().__init__()
         self.topk, self.n_expert, self.picks, self.kernel = topk, n_expert, picks, kernel
         self.router = nn.Parameter(torch.empty(n_sets, route_dim or dim, n_expert))  # W_r, fp32 always

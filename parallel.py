@@ -268,7 +268,7 @@ class ExpertParallel:
         self.layout, self.local_experts = layout, local_experts
         self.splits = None  # (sent, received) rows per peer of the last exchange
 
-    def __call__(self, x, idx, gates, w1, w2, kernel="flex"):
+    def __call__(self, x, idx, gates, w1, w2, kernel="fused"):
         # x: (N, S, d_h); idx, gates: (N, S, k); w1, w2: (S, N_e/P, d_e, d_h), this rank's experts
         x_recv, local = self.dispatch(x, idx)
         ones = torch.ones(len(local), 1, 1, device=x.device, dtype=x.dtype)

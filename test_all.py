@@ -868,12 +868,21 @@ def test_experts_compute_in_the_autocast_dtype_with_the_configured_kernel(monkey
         return kernels.expert_ffn_reference(x, idx, gates, w1, w2)
 
     monkeypatch.setattr(kernels, "expert_ffn", spy)
-    block = MoE(small_config(ffn="moe", expert_kernel="fused"))
+    block = MoE(small_config(ffn="moe", expert_kernel="grouped"))
     x = torch.randn(2, 9, 48)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert block(x).dtype == torch.bfloat16
     block(x)  # and in fp32 without autocast
-    assert seen == [(torch.bfloat16, "fused"), (torch.float32, "fused")]
+    assert seen == [(torch.bfloat16, "grouped"), (torch.float32, "grouped")]
+
+
+@pytest.mark.parametrize("dim,dtype,kernel,path", [
+    (64, torch.bfloat16, "fused", "fused"), (256, torch.bfloat16, "fused", "fused"),
+    (128, torch.float32, "fused", "fused"), (256, torch.float32, "fused", "flex"),
+    (64, torch.bfloat16, "flex", "flex"), (320, torch.bfloat16, "fused", "grouped"),
+    (320, torch.bfloat16, "flex", "grouped"), (64, torch.bfloat16, "grouped", "grouped")])
+def test_expert_path_takes_the_named_kernel_or_the_next_wide_enough(dim, dtype, kernel, path):
+    assert kernels.expert_path(torch.empty(1, 1, dim, dtype=dtype), kernel) is getattr(kernels, f"expert_ffn_{path}")
 
 
 def test_deterministic_runs_are_bitwise_equal(corpus, tmp_path):
@@ -916,8 +925,9 @@ def test_step_split_sorts_kernels_into_parts():
                               "multi_tensor_apply_kernel<FusedAdamMathFunctor>": 1.5,
                               "sm90_xmma_gemm_bf16bf16_bf16f32": 4.0, "triton_poi_fused_add_mul_0": 0.125,
                               "void at::native::sbtopk::gatherTopK<float>": 0.0625,
-                              "cutlass::GemmUniversal<cutlass::gemm::GroupProblemShape<int>>": 0.5})
-    assert split == {"router": 1.0625, "experts": 2.5, "clustering": 0.25, "attention": 3.0,
+                              "cutlass::GemmUniversal<cutlass::gemm::GroupProblemShape<int>>": 0.5,
+                              "_fused_experts_dw_kernel": 0.25})
+    assert split == {"router": 1.0625, "experts": 2.75, "clustering": 0.25, "attention": 3.0,
                      "all-to-all": 0.5, "all-reduce": 0.75, "optimizer": 1.5, "matmul": 4.0, "other": 0.125}
 
 
