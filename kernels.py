@@ -261,12 +261,7 @@ def uncluster(y, order, gates):
     """
     flat = order.flatten()
     y = y.reshape(-1, y.size(-1))
-    y = y.new_empty(y.shape).index_copy(0, flat, y)  # a permutation: its gradient is a gather
-    return gated_sum(y.view(*gates.shape, -1), gates)
-
-
-def gated_sum(y, gates):
-    """Eq. 1: sum_j g_j y_j, y: (N, S, k, d) the pairs' expert outputs, gates: (N, S, k)."""
+    y = y.new_empty(y.shape).index_copy(0, flat, y).view(*gates.shape, -1)  # a permutation: its gradient is a gather
     return (y * gates[..., None].to(y.dtype)).sum(2)
 
 
@@ -352,7 +347,7 @@ def _hidden_chunk(W, g, j, d, hidden, D: tl.constexpr):
 
 
 @triton.jit
-def _fused_experts_fwd_kernel(X, W1, W2, Y, Order, TileGroup, TileStart, TileEnd, hidden, K,
+def _fused_experts_fwd_kernel(X, Gates, W1, W2, Y, Order, TileGroup, TileStart, TileEnd, hidden, K,
                               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
     t = tl.program_id(0)
@@ -367,27 +362,37 @@ def _fused_experts_fwd_kernel(X, W1, W2, Y, Order, TileGroup, TileStart, TileEnd
             w1, w2 = _hidden_chunk(W1, g, j, d, hidden, D), _hidden_chunk(W2, g, j, d, hidden, D)
             h, _ = _gelu_and_slope(tl.dot(x, tl.trans(w1), input_precision=PRECISION))
             acc += tl.dot(h.to(x.dtype), w2, input_precision=PRECISION)
-        tl.store(Y + pair[:, None] * D + d[None, :], acc.to(Y.dtype.element_ty), mask=ok[:, None] & (d < D)[None, :])
+        gate = tl.load(Gates + pair, mask=ok, other=0.0).to(tl.float32)
+        tl.store(Y + pair[:, None] * D + d[None, :], (gate[:, None] * acc).to(Y.dtype.element_ty),
+                 mask=ok[:, None] & (d < D)[None, :])
 
 
 @triton.jit
-def _fused_experts_dx_kernel(X, DY, W1, W2, DX, Order, TileGroup, TileStart, TileEnd, hidden, K,
-                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+def _fused_experts_dx_kernel(X, DOut, Gates, W1, W2, DX, DY, DGates, Order, TileGroup, TileStart, TileEnd,
+                             hidden, K, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
     t = tl.program_id(0)
     g, start, end = tl.load(TileGroup + t), tl.load(TileStart + t), tl.load(TileEnd + t)
     if start < end:
         pair, row, ok = _pair_rows(Order, start + tl.arange(0, BLOCK_M), end, K)
         d = tl.arange(0, BLOCK_D)
-        x, dy = _rows(X, row, ok, d, D), _rows(DY, pair, ok, d, D)
+        rows_ok = ok[:, None] & (d < D)[None, :]
+        x = _rows(X, row, ok, d, D)
+        gate = tl.load(Gates + pair, mask=ok, other=0.0).to(tl.float32)
+        dy = (gate[:, None] * _rows(DOut, row, ok, d, D).to(tl.float32)).to(x.dtype)  # the pair's g dOut
+        tl.store(DY + pair[:, None] * D + d[None, :], dy, mask=rows_ok)  # for the dW kernel
+        y = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for c in range(0, hidden, BLOCK_H):  # dX = sum_c (dY W2_c^T * gelu'(x W1_c^T)) W1_c
             j = c + tl.arange(0, BLOCK_H)
             w1, w2 = _hidden_chunk(W1, g, j, d, hidden, D), _hidden_chunk(W2, g, j, d, hidden, D)
-            _, slope = _gelu_and_slope(tl.dot(x, tl.trans(w1), input_precision=PRECISION))
+            h, slope = _gelu_and_slope(tl.dot(x, tl.trans(w1), input_precision=PRECISION))
+            y += tl.dot(h.to(x.dtype), w2, input_precision=PRECISION)  # the forward's output, recomputed
             dpre = tl.dot(dy, tl.trans(w2), input_precision=PRECISION) * slope
             acc += tl.dot(dpre.to(x.dtype), w1, input_precision=PRECISION)
-        tl.store(DX + pair[:, None] * D + d[None, :], acc.to(DX.dtype.element_ty), mask=ok[:, None] & (d < D)[None, :])
+        tl.store(DX + pair[:, None] * D + d[None, :], acc.to(DX.dtype.element_ty), mask=rows_ok)
+        dout = _rows(DOut, row, ok, d, D).to(tl.float32)
+        tl.store(DGates + pair, tl.sum(y * dout, axis=1), mask=ok)  # dg = <dOut, y>
 
 
 @triton.jit
@@ -437,34 +442,38 @@ def fused_launch(x, config):
 
 class FusedExperts(torch.autograd.Function):
     """
-    x: (N * S, d) sub-tokens; w1, w2: (S * N_e, d_e, d); order, starts: the clustering of
-    the N * S * k pairs (cluster_by_expert). Returns every pair's expert output, ungated,
-    (N * S * k, d) in pair order. The kernels read x and write the outputs through order:
-    no clustered copy of either exists.
+    Eq. 1 over the clustered pairs. x: (N * S, d) sub-tokens; gates: (N * S * k,);
+    w1, w2: (S * N_e, d_e, d); order, starts: the clustering of the N * S * k pairs
+    (cluster_by_expert). Returns (N * S, d). The kernels read x and write each pair's
+    gated output through order, so no clustered copy exists; the sum over k follows.
+    The backward recomputes the hidden units and each pair's output (for its gate's
+    gradient): nothing of size N * S * k * d is kept between forward and backward.
     """
     @staticmethod
-    def forward(ctx, x, w1, w2, order, starts, k):
+    def forward(ctx, x, gates, w1, w2, order, starts, k):
         hidden = w1.size(-2)
         tiles = tile_table(starts, order.numel(), FUSED_TILES["BLOCK_M"])
         y = x.new_empty(order.numel(), x.size(1))
         _fused_experts_fwd_kernel[(tiles[0].numel(),)](
-            x, w1, w2, y, order, *tiles, hidden, k, **fused_launch(x, FUSED_TILES))
-        ctx.save_for_backward(x, w1, w2, order, starts, *tiles)
+            x, gates, w1, w2, y, order, *tiles, hidden, k, **fused_launch(x, FUSED_TILES))
+        ctx.save_for_backward(x, gates, w1, w2, order, starts, *tiles)
         ctx.k = k
-        return y
+        return y.view(-1, k, x.size(1)).sum(1)
 
     @staticmethod
-    def backward(ctx, dy):
-        x, w1, w2, order, starts, *tiles = ctx.saved_tensors
+    def backward(ctx, dout):
+        x, gates, w1, w2, order, starts, *tiles = ctx.saved_tensors
         n_groups, hidden, dim = w1.shape
-        dy = dy.contiguous()
-        dx = torch.empty_like(dy)  # per pair; the k pairs of a sub-token are summed below
+        k = ctx.k
+        dout = dout.contiguous()
+        dx, dy = x.new_empty(order.numel(), dim), x.new_empty(order.numel(), dim)  # per pair
+        dgates = torch.empty(order.numel(), device=x.device, dtype=torch.float32)
         _fused_experts_dx_kernel[(tiles[0].numel(),)](
-            x, dy, w1, w2, dx, order, *tiles, hidden, ctx.k, **fused_launch(x, FUSED_TILES))
+            x, dout, gates, w1, w2, dx, dy, dgates, order, *tiles, hidden, k, **fused_launch(x, FUSED_TILES))
         dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
         _fused_experts_dw_kernel[(n_groups, triton.cdiv(hidden, FUSED_DW_TILES["BLOCK_H"]))](
-            x, dy, w1, w2, dw1, dw2, order, starts, hidden, ctx.k, **fused_launch(x, FUSED_DW_TILES))
-        return dx.view(-1, ctx.k, dim).sum(1), dw1, dw2, None, None, None
+            x, dy, w1, w2, dw1, dw2, order, starts, hidden, k, **fused_launch(x, FUSED_DW_TILES))
+        return dx.view(-1, k, dim).sum(1), dgates.to(gates.dtype), dw1, dw2, None, None, None
 
 
 def expert_ffn_fused(x, idx, gates, w1, w2):
@@ -473,8 +482,9 @@ def expert_ffn_fused(x, idx, gates, w1, w2):
     n_expert, hidden = w1.size(1), w1.size(2)
     order, starts = cluster_by_expert(idx, n_expert)
     w1, w2 = (w.to(x.dtype).reshape(n_sets * n_expert, hidden, dim).contiguous() for w in (w1, w2))
-    y = FusedExperts.apply(x.reshape(N * n_sets, dim).contiguous(), w1, w2, order, starts, idx.size(-1))
-    return gated_sum(y.view(*idx.shape, dim), gates)
+    y = FusedExperts.apply(x.reshape(N * n_sets, dim).contiguous(), gates.flatten().contiguous(),
+                           w1, w2, order, starts, idx.size(-1))
+    return y.view(N, n_sets, dim)
 
 
 def expert_ffn_reference(x, idx, gates, w1, w2):
