@@ -563,10 +563,11 @@ def test_flex_expert_forward_matches_fp64_oracle(routing, expert_dim):
     torch.testing.assert_close(kernels.expert_ffn_reference(*args).double().cpu(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("routing,expert_dim", [("uniform", 48), ("one_expert", 70)])
-def test_fused_triton_experts_match_fp64_in_output_and_gradients(routing, expert_dim):
-    # d_e = 70: a full and a partial chunk of 64 hidden units; 37 x 3 pairs: partial tiles
-    args = expert_inputs(37, 2, 16, 5, expert_dim, 3, routing)
+@pytest.mark.parametrize("routing,expert_dim,dim", [("uniform", 48, 16), ("one_expert", 70, 16), ("skewed", 40, 136)])
+def test_fused_triton_experts_match_fp64_in_output_and_gradients(routing, expert_dim, dim):
+    # d_e = 70: full and partial chunks of hidden units; 37 x 3 pairs: partial tiles;
+    # d_h = 136: rows wider than 128 take tiles of 32 pairs, padded to 256 columns
+    args = expert_inputs(37, 2, dim, 5, expert_dim, 3, routing)
     want_in = [t.double().requires_grad_() if t.is_floating_point() else t for t in args]
     got_in = [t.float().requires_grad_() if t.is_floating_point() else t for t in args]
     want, got = kernels.expert_ffn_reference(*want_in), kernels.expert_ffn_fused(*got_in)
