@@ -261,7 +261,8 @@ def uncluster(y, order, gates):
     """
     flat = order.flatten()
     y = y.reshape(-1, y.size(-1))
-    y = y.new_empty(y.shape).index_copy(0, flat, y).view(*gates.shape, -1)  # a permutation: its gradient is a gather
+    y = y.new_empty(y.shape).index_copy(0, flat, y)  # a permutation: its gradient is a gather
+    y = y.view(*gates.shape, -1)
     return (y * gates[..., None].to(y.dtype)).sum(2)
 
 
