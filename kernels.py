@@ -348,6 +348,12 @@ def _rows(P, r, ok, d, D: tl.constexpr):
 
 
 @triton.jit
+def _store_rows(P, r, ok, d, D: tl.constexpr, value):
+    # value into rows r of a (rows, D) tensor
+    tl.store(P + r[:, None] * D + d[None, :], value.to(P.dtype.element_ty), mask=ok[:, None] & (d < D)[None, :])
+
+
+@triton.jit
 def _hidden_chunk(W, g, j, d, hidden, D: tl.constexpr):
     # hidden units j of expert g of a (groups, hidden, D) weight
     return tl.load(W + (g * hidden + j[:, None]) * D + d[None, :],
@@ -371,8 +377,7 @@ def _fused_experts_fwd_kernel(X, Gates, W1, W2, Y, Order, TileGroup, TileStart, 
             h, _ = _gelu_and_slope(tl.dot(x, tl.trans(w1), input_precision=PRECISION))
             acc += tl.dot(h.to(x.dtype), w2, input_precision=PRECISION)
         gate = tl.load(Gates + pair, mask=ok, other=0.0).to(tl.float32)
-        tl.store(Y + pair[:, None] * D + d[None, :], (gate[:, None] * acc).to(Y.dtype.element_ty),
-                 mask=ok[:, None] & (d < D)[None, :])
+        _store_rows(Y, pair, ok, d, D, gate[:, None] * acc)
 
 
 @triton.jit
@@ -384,11 +389,10 @@ def _fused_experts_dx_kernel(X, DOut, Gates, W1, W2, DX, DY, DGates, Order, Tile
     if start < end:
         pair, row, ok = _pair_rows(Order, start + tl.arange(0, BLOCK_M), end, K)
         d = tl.arange(0, BLOCK_D)
-        rows_ok = ok[:, None] & (d < D)[None, :]
         x = _rows(X, row, ok, d, D)
         gate = tl.load(Gates + pair, mask=ok, other=0.0).to(tl.float32)
         dy = (gate[:, None] * _rows(DOut, row, ok, d, D).to(tl.float32)).to(x.dtype)  # the pair's g dOut
-        tl.store(DY + pair[:, None] * D + d[None, :], dy, mask=rows_ok)  # for the dW kernel
+        _store_rows(DY, pair, ok, d, D, dy)  # for the dW kernel
         y = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for c in range(0, hidden, BLOCK_H):  # dX = sum_c (dY W2_c^T * gelu'(x W1_c^T)) W1_c
@@ -398,8 +402,8 @@ def _fused_experts_dx_kernel(X, DOut, Gates, W1, W2, DX, DY, DGates, Order, Tile
             y += tl.dot(h.to(x.dtype), w2, input_precision=PRECISION)  # the forward's output, recomputed
             dpre = tl.dot(dy, tl.trans(w2), input_precision=PRECISION) * slope
             acc += tl.dot(dpre.to(x.dtype), w1, input_precision=PRECISION)
-        tl.store(DX + pair[:, None] * D + d[None, :], acc.to(DX.dtype.element_ty), mask=rows_ok)
-        dout = _rows(DOut, row, ok, d, D).to(tl.float32)
+        _store_rows(DX, pair, ok, d, D, acc)
+        dout = _rows(DOut, row, ok, d, D).to(tl.float32)  # loaded again, not held in registers through the loop
         tl.store(DGates + pair, tl.sum(y * dout, axis=1), mask=ok)  # dg = <dOut, y>
 
 
