@@ -72,26 +72,34 @@ def _unpack_index(key):
 
 
 @triton.jit
-def _route_fwd_kernel(X, W, Bias, Scores, Index, n_tok, n_expert,
-                      sx_n, sx_h, sx_d, sw_h, sw_d, sw_e, sb_h,
+def _route_fwd_kernel(X, W, WParts, Bias, Scores, Index, n_tok, n_expert,
+                      sx_n, sx_h, sx_d, sw_h, sw_d, sw_e, sw_part, sb_h,
                       D: tl.constexpr, BLOCK_D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, SPLIT: tl.constexpr):
     pid, h = tl.program_id(0), tl.program_id(1)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     row_ok, dim_ok = rows < n_tok, dims < D
     # Alg. 1 line 3: this block of sub-tokens stays on chip for the whole expert sweep
     x = tl.load(X + rows[:, None] * sx_n + h * sx_h + dims[None, :] * sx_d,
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    if not SPLIT:
+        x = x.to(tl.float32)
     slots = tl.arange(0, KP)
     best = tl.full((BLOCK_N, KP), EMPTY_KEY, tl.int64)  # line 4: the running top-k
     for e0 in range(0, n_expert, BLOCK_E):              # line 5: stream blocks of experts
         experts = e0 + tl.arange(0, BLOCK_E)
         e_ok = experts < n_expert
-        w = tl.load(W + h * sw_h + dims[:, None] * sw_d + experts[None, :] * sw_e,
-                    mask=dim_ok[:, None] & e_ok[None, :], other=0.0)
-        b = tl.load(Bias + h * sb_h + experts, mask=e_ok, other=0.0)
-        s = tl.dot(x, w, input_precision=PRECISION) + b[None, :]   # line 7, fp32 in SRAM
+        w_at = h * sw_h + dims[:, None] * sw_d + experts[None, :] * sw_e
+        w_ok = dim_ok[:, None] & e_ok[None, :]
+        if SPLIT:  # line 7 on tensor cores: bf16 x times each bf16 part of W is exact in fp32
+            s = tl.zeros((BLOCK_N, BLOCK_E), tl.float32)
+            for part in tl.static_range(3):  # the smallest part first
+                w = tl.load(WParts + (2 - part) * sw_part + w_at, mask=w_ok, other=0.0)
+                s = tl.dot(x, w, s)
+        else:       # line 7 in fp32 FMA
+            s = tl.dot(x, tl.load(W + w_at, mask=w_ok, other=0.0), input_precision="ieee")
+        s += tl.load(Bias + h * sb_h + experts, mask=e_ok, other=0.0)[None, :]
         keys = tl.where(e_ok[None, :], _pack(s, experts[None, :]), EMPTY_KEY)  # line 8
         merged = tl.full((BLOCK_N, KP), EMPTY_KEY, tl.int64)
         for j in tl.static_range(K):                    # lines 9-10: merge, keep the best k
@@ -108,7 +116,7 @@ def _route_fwd_kernel(X, W, Bias, Scores, Index, n_tok, n_expert,
         e = tl.sum(tl.where(slots[None, :] == j, index, 0), axis=1)
         w = tl.load(W + h * sw_h + dims[None, :] * sw_d + e[:, None] * sw_e,
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-        s = tl.sum(x * w, axis=1)
+        s = tl.sum(x.to(tl.float32) * w, axis=1)
         tl.store(Scores + (rows[:, None] * tl.num_programs(1) + h) * K + slots[None, :],
                  s[:, None] + tl.zeros((BLOCK_N, KP), tl.float32), mask=out_ok & (slots[None, :] == j))
     tl.store(Index + (rows[:, None] * tl.num_programs(1) + h) * K + slots[None, :], index.to(tl.int64),
@@ -160,10 +168,23 @@ def _route_dw_kernel(X, DS, Order, Starts, DWT, n_heads, n_expert, sx_n, sx_h, s
     tl.store(DWT + g * D + dims, acc, mask=dim_ok)
 
 
-ROUTE = dict(BLOCK_N=128, BLOCK_E=64, num_warps=8, precision="ieee")  # best exact config of a sweep on an H100
+ROUTE = dict(BLOCK_N=128, BLOCK_E=64, num_warps=8)  # best exact config of a sweep on an H100
 ROUTE_MAX_DIM = 256
 ROUTE_BLOCK_P = 64   # pairs per step of the dW segmented reduction
 ROUTE_DX_BLOCK_N = 64  # tokens per dX program: a (64, d_h) fp32 accumulator stays in registers
+
+
+def split_bf16(w):
+    """
+    fp32 w as three bf16 parts, w = hi + mid + lo exactly: fp32 carries 24 significant
+    bits, bf16 8, and each rounding leaves a remainder that is exact in fp32. A bf16
+    sub-token times each part is an exact product, so the router's scores take three
+    bf16 tensor-core dots with fp32 accumulation instead of one fp32 FMA dot.
+    """
+    hi = w.bfloat16()
+    rest = w - hi.float()
+    mid = rest.bfloat16()
+    return torch.stack((hi, mid, (rest - mid.float()).bfloat16()))
 
 
 class TritonRoute(torch.autograd.Function):
@@ -179,13 +200,16 @@ class TritonRoute(torch.autograd.Function):
         # at k > 4 the merge's keys spill out of registers at 64 experts a block
         # (H100, N_e = 768, k = 8: 34 ms a call against 2.2 ms at 32 experts a block)
         block_e = ROUTE["BLOCK_E"] if k <= 4 else ROUTE["BLOCK_E"] // 2
+        # bf16 sub-tokens on a GPU take three bf16 dots; fp32 (and fp16) ones the fp32 FMA dot,
+        # as do bf16 ones under the CPU interpreter, which cannot dot bf16 (triton#11584)
+        split = x.dtype == torch.bfloat16 and x.is_cuda
+        parts = split_bf16(weight) if split else weight
         grid = (triton.cdiv(n_tok, block_n), n_heads)
         _route_fwd_kernel[grid](
-            x3, weight, bias, scores, index, n_tok, n_expert,
-            *x3.stride(), *weight.stride(), bias.stride(0),
+            x3, weight, parts, bias, scores, index, n_tok, n_expert,
+            *x3.stride(), *weight.stride(), parts.stride(0), bias.stride(0),
             D=dim, BLOCK_D=triton.next_power_of_2(dim), K=k, KP=max(triton.next_power_of_2(k), 2),
-            BLOCK_N=block_n, BLOCK_E=block_e, PRECISION=ROUTE["precision"],
-            num_warps=ROUTE["num_warps"])
+            BLOCK_N=block_n, BLOCK_E=block_e, SPLIT=split, num_warps=ROUTE["num_warps"])
         ctx.save_for_backward(x3, weight, index)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.mark_non_differentiable(index)
@@ -313,17 +337,25 @@ def expert_ffn_grouped(x, idx, gates, w1, w2):
 # g gelu(x W1^T) W2 chunk by chunk of d_e, so the hidden units never leave the chip.
 # The backward recomputes them: dX per tile (with g dOut and the gates' gradient),
 # and dW1, dW2 per (expert, chunk) by a loop over the expert's pairs, which sums in a
-# fixed order (deterministic, no atomics). Tiles from a sweep on an H100 (bf16, d_h 64
+# fixed order (deterministic, no atomics). Tiles from sweeps on an H100 (bf16, d_h 64
 # and 128, uniform and skewed routing): the forward and dX share one tile table.
 # At 32,768 tokens, 8 heads of 128, N_e 384, d_e 256: forward 0.75 ms (183 TFLOP/s), dX 1.5, dW 1.8.
 FUSED_TILES = dict(BLOCK_M=64, BLOCK_H=32, num_warps=4, num_stages=3)   # forward, dX
 FUSED_DW_TILES = dict(BLOCK_M=64, BLOCK_H=64, num_warps=4, num_stages=2)
 
 
-def fused_tiles(dim):
-    # wider rows: half the pairs a tile, or dX's two fp32 accumulators spill
-    # (4 heads of 256, fwd+bwd 10.3 ms at 64 pairs, 7.9 at 32)
-    return dict(FUSED_TILES, BLOCK_M=32) if dim > 128 else FUSED_TILES
+def fused_tiles(dim, pairs_per_expert):
+    """
+    (forward and dX tiles, dW tiles) for rows of width dim, from the mean pairs per expert.
+    A tile holds about an expert's pairs (16, 32 or 64): at 2,048 tokens, 8 heads, N_e = 4096
+    (two pairs an expert) tiles of 64 were mostly padding, and 16 took the kernels from 4.5 to
+    2.8 ms (H100); with tiles of 16, dW takes chunks of 32 hidden units, so that more of its
+    programs fit on a multiprocessor. Wider rows take at most 32 pairs a tile, or dX's two fp32
+    accumulators spill (4 heads of 256, fwd+bwd 10.3 ms at 64 pairs, 7.9 at 32).
+    """
+    m = min(64, max(16, triton.next_power_of_2(int(pairs_per_expert))))
+    tiles = dict(FUSED_TILES, BLOCK_M=min(m, 32) if dim > 128 else m)
+    return tiles, dict(FUSED_DW_TILES, BLOCK_M=m, BLOCK_H=32 if m == 16 else FUSED_DW_TILES["BLOCK_H"])
 
 
 @triton.jit
@@ -463,13 +495,14 @@ class FusedExperts(torch.autograd.Function):
     """
     @staticmethod
     def forward(ctx, x, gates, w1, w2, order, starts, k):
-        hidden, config = w1.size(-2), fused_tiles(x.size(1))
+        hidden = w1.size(-2)
+        config, ctx.dw_config = fused_tiles(x.size(1), order.numel() / w1.size(0))
         tiles = tile_table(starts, order.numel(), config["BLOCK_M"])
         y = x.new_empty(order.numel(), x.size(1))
         _fused_experts_fwd_kernel[(tiles[0].numel(),)](
             x, gates, w1, w2, y, order, *tiles, hidden, k, **fused_launch(x, config))
         ctx.save_for_backward(x, gates, w1, w2, order, starts, *tiles)
-        ctx.k = k
+        ctx.k, ctx.config = k, config
         return y.view(-1, k, x.size(1)).sum(1)
 
     @staticmethod
@@ -481,10 +514,10 @@ class FusedExperts(torch.autograd.Function):
         dx, dy = x.new_empty(order.numel(), dim), x.new_empty(order.numel(), dim)  # per pair
         dgates = torch.empty(order.numel(), device=x.device, dtype=torch.float32)
         _fused_experts_dx_kernel[(tiles[0].numel(),)](
-            x, dout, gates, w1, w2, dx, dy, dgates, order, *tiles, hidden, k, **fused_launch(x, fused_tiles(dim)))
+            x, dout, gates, w1, w2, dx, dy, dgates, order, *tiles, hidden, k, **fused_launch(x, ctx.config))
         dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
-        _fused_experts_dw_kernel[(n_groups, triton.cdiv(hidden, FUSED_DW_TILES["BLOCK_H"]))](
-            x, dy, w1, w2, dw1, dw2, order, starts, hidden, k, **fused_launch(x, FUSED_DW_TILES))
+        _fused_experts_dw_kernel[(n_groups, triton.cdiv(hidden, ctx.dw_config["BLOCK_H"]))](
+            x, dy, w1, w2, dw1, dw2, order, starts, hidden, k, **fused_launch(x, ctx.dw_config))
         return dx.view(-1, k, dim).sum(1), dgates.to(gates.dtype), dw1, dw2, None, None, None
 
 
