@@ -477,7 +477,7 @@ def test_triton_router_at_every_head_width(dim):
     torch.testing.assert_close(dw.double(), dw64, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dim,k", [(64, 4), (128, 8)])
+@pytest.mark.parametrize("dim,k", [(64, 4), (128, 8), (256, 2)])
 def test_triton_router_takes_batched_non_contiguous_bf16_inputs(dim, k):
     # on a GPU, bf16 sub-tokens score through the three bf16 parts of W (split_bf16)
     x, w, b = route_inputs(21, 4, dim, 70, seed=dim, batch=(2,))
