@@ -197,9 +197,9 @@ class TritonRoute(torch.autograd.Function):
         index = torch.empty(n_tok, n_heads, k, device=x.device, dtype=torch.int64)
         # at d_h = 256 a (128, d_h) fp32 tile and the pipelined W blocks overflow shared memory
         block_n = ROUTE["BLOCK_N"] if dim <= 128 else ROUTE["BLOCK_N"] // 2
-        # at k > 4 the merge's keys spill out of registers at 64 experts a block in the fp32 dot's
-        # kernel (H100, N_e = 768, k = 8: 34 ms a call against 2.2 ms at 32 experts a block); at d_h = 256 the three
-        # pipelined bf16 parts of 64 experts overflow shared memory
+        # at k > 4 the merge's keys spill out of registers at 64 experts a block in the fp32
+        # dot's kernel (H100, N_e = 768, k = 8: 34 ms a call against 2.2 ms at 32 experts a
+        # block); at d_h = 256 the three pipelined bf16 parts of 64 experts overflow shared memory
         block_e = ROUTE["BLOCK_E"] if k <= 4 and dim <= 128 else ROUTE["BLOCK_E"] // 2
         # bf16 sub-tokens on a GPU take three bf16 dots; fp32 (and fp16) ones the fp32 FMA dot,
         # as do bf16 ones under the CPU interpreter, which cannot dot bf16 (triton#11584)
