@@ -229,11 +229,12 @@ class RoutedExperts(nn.Module):
 
     @torch.no_grad()
     def count_load(self, idx):
-        # idx: (N, N_h, k) -> per-head histogram of chosen experts
-        n_sets = idx.size(1)
-        offsets = torch.arange(n_sets, device=idx.device).view(1, -1, 1) * self.n_expert
-        counts = torch.bincount((idx + offsets).flatten(), minlength=n_sets * self.n_expert)
-        self.load += counts.view(n_sets, self.n_expert).to(self.load.dtype)
+        # idx: (N, N_h, k) -> per-head histogram of chosen experts, added to self.load. Ones
+        # added at their indices (exact: whole numbers); bincount would read its largest
+        # index back to the host, a device sync in every MoE layer of every micro-batch
+        offsets = torch.arange(idx.size(1), device=idx.device).view(1, -1, 1) * self.n_expert
+        flat = (idx + offsets).flatten()
+        self.load.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=self.load.dtype))
 
     @torch.no_grad()
     def update_bias(self, rate):

@@ -25,7 +25,7 @@ import kernels
 import parallel
 import prepare
 import train
-from model import GPT, FFN_CLASSES, PRESETS, GPTConfig, MoE, MultiHeadLatentMoE, preset
+from model import GPT, FFN_CLASSES, PRESETS, GPTConfig, MoE, MultiHeadLatentMoE, RoutedExperts, preset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMALL = dict(block_size=32, n_layer=2, n_head=2, n_embd=48, n_dense_layers=1, n_expert=7, topk=3,
@@ -138,6 +138,16 @@ def test_load_balancing_bias_moves_toward_balance():
         experts.update_bias(rate=0.05)
     after = imbalance()
     assert before == 4.0 and after < 1.6, (before, after)  # 4.0: all tokens on expert 0
+
+
+def test_load_counts_every_heads_picks_per_expert():
+    experts = RoutedExperts(3, 16, 7, 8, 2)
+    idx = torch.randint(0, 7, (41, 3, 2), generator=torch.Generator().manual_seed(0))
+    experts.count_load(idx)
+    experts.count_load(idx[:5])  # counts add up over micro-batches until update_bias
+    for h in range(3):
+        want = torch.bincount(idx[:, h].flatten(), minlength=7) + torch.bincount(idx[:5, h].flatten(), minlength=7)
+        assert torch.equal(experts.load[h], want.float())
 
 
 PAPER_CATEGORIES = {  # (active, total) in billions, rounded to 0.1B, tied embeddings counted once
