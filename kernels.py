@@ -8,6 +8,7 @@ run on the CPU, serve as the tests' oracle and as bench.py's naive baseline.
 """
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -144,28 +145,34 @@ def _route_dx_kernel(DS, Index, WT, DX, n_tok, swt_h, swt_e,
 
 
 @triton.jit
-def _route_dw_kernel(X, DS, Order, Starts, DWT, n_heads, n_expert, sx_n, sx_h, sx_d,
-                     D: tl.constexpr, BLOCK_D: tl.constexpr, K: tl.constexpr, BLOCK_P: tl.constexpr):
+def _route_dw_kernel(X, DS, Order, ChunkGroup, ChunkStart, ChunkEnd, ChunkSlot, DWT, Partial, n_heads, n_expert,
+                     sx_n, sx_h, sx_d, D: tl.constexpr, BLOCK_D: tl.constexpr, K: tl.constexpr,
+                     BLOCK_P: tl.constexpr):
     # Alg. 2 line 10 as a segmented reduction instead of atomics: the (token, slot)
-    # pairs are sorted by (head, expert), and one program sums the pairs of one
-    # expert, dW[:, e] = sum_p dS_p x_p, and writes its column once: deterministic,
-    # O(k) work per token, nothing of size T x N_e.
-    g = tl.program_id(0)  # = head * N_e + expert
-    h = g // n_expert
-    start, end = tl.load(Starts + g), tl.load(Starts + g + 1)
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < D
-    acc = tl.zeros((BLOCK_D,), tl.float32)
-    for p0 in range(start, end, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        p_ok = p < end
-        pair = tl.load(Order + p, mask=p_ok, other=0)       # flat index into (N, N_h, k)
-        ds = tl.load(DS + pair, mask=p_ok, other=0.0)
-        token = pair // (K * n_heads)
-        x = tl.load(X + token[:, None] * sx_n + h * sx_h + dims[None, :] * sx_d,
-                    mask=p_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(ds[:, None] * x, axis=0)
-    tl.store(DWT + g * D + dims, acc, mask=dim_ok)
+    # pairs are sorted by (head, expert), and one program sums one chunk of one
+    # expert's pairs, dW[:, e] = sum_p dS_p x_p: deterministic, O(k) work per token,
+    # nothing of size T x N_e, and no program longer than a chunk however skewed the routing
+    t = tl.program_id(0)
+    g = tl.load(ChunkGroup + t)  # = head * N_e + expert; -1: padding
+    if g >= 0:
+        h = g // n_expert
+        start, end, slot = tl.load(ChunkStart + t), tl.load(ChunkEnd + t), tl.load(ChunkSlot + t)
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < D
+        acc = tl.zeros((BLOCK_D,), tl.float32)
+        for p0 in range(start, end, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            p_ok = p < end
+            pair = tl.load(Order + p, mask=p_ok, other=0)       # flat index into (N, N_h, k)
+            ds = tl.load(DS + pair, mask=p_ok, other=0.0)
+            token = pair // (K * n_heads)
+            x = tl.load(X + token[:, None] * sx_n + h * sx_h + dims[None, :] * sx_d,
+                        mask=p_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(ds[:, None] * x, axis=0)
+        if slot < 0:  # the expert's only chunk: its column, written once
+            tl.store(DWT + g * D + dims, acc, mask=dim_ok)
+        else:         # one of several: a partial sum, added up by _sum_chunks_kernel
+            tl.store(Partial + slot * D + dims, acc, mask=dim_ok)
 
 
 ROUTE = dict(BLOCK_N=128, BLOCK_E=64, num_warps=8)  # best exact config of a sweep on an H100
@@ -227,12 +234,15 @@ class TritonRoute(torch.autograd.Function):
         dx = dw = None
         if ctx.needs_input_grad[1]:  # first, so that the sort's buffers are freed before dX exists
             order, starts = cluster_by_expert(index, n_expert)
+            chunks = chunk_table(starts, order.numel(), chunk_pairs(order.numel(), starts.numel() - 1, ROUTE_BLOCK_P))
             dwt = torch.empty(n_heads * n_expert, dim, device=x3.device, dtype=torch.float32)
-            _route_dw_kernel[(n_heads * n_expert,)](
-                x3, ds, order, starts, dwt, n_heads, n_expert, *x3.stride(),
-                D=dim, BLOCK_D=block_d, K=k, BLOCK_P=ROUTE_BLOCK_P)
+            partial = dwt.new_empty(chunks.max_slots, dim)
+            _route_dw_kernel[(chunks.group.numel(),)](
+                x3, ds, order, chunks.group, chunks.start, chunks.end, chunks.slot, dwt, partial,
+                n_heads, n_expert, *x3.stride(), D=dim, BLOCK_D=block_d, K=k, BLOCK_P=ROUTE_BLOCK_P)
+            sum_chunks(partial, dwt, chunks)
             dw = dwt.view(n_heads, n_expert, dim).transpose(1, 2)
-            del order, starts
+            del order, starts, chunks, partial
         if ctx.needs_input_grad[0]:
             wt = weight.detach().transpose(1, 2).contiguous()  # (N_h, N_e, d_h): rows gather coalesced
             dx = torch.empty(n_tok, n_heads, dim, device=x3.device, dtype=ctx.x_dtype)  # fp32 sums, stored once
@@ -287,7 +297,7 @@ def uncluster(y, order, gates):
     flat = order.flatten()
     y = y.reshape(-1, y.size(-1))
     y = y.new_empty(y.shape).index_copy(0, flat, y)  # a permutation: its gradient is a gather
-    y = y.view(*gates.shape, -1)
+    y = y.view(*gates.shape, y.size(-1))  # explicit width: a rank can receive no pair at all
     return (y * gates[..., None].to(y.dtype)).sum(2)
 
 
@@ -389,8 +399,15 @@ def _store_rows(P, r, ok, d, D: tl.constexpr, value):
 @triton.jit
 def _hidden_chunk(W, g, j, d, hidden, D: tl.constexpr):
     # hidden units j of expert g of a (groups, hidden, D) weight
-    return tl.load(W + (g * hidden + j[:, None]) * D + d[None, :],
+    return tl.load(W + (g.to(tl.int64) * hidden + j[:, None]) * D + d[None, :],
                    mask=(j < hidden)[:, None] & (d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _store_hidden_chunk(W, g, j, d, hidden, D: tl.constexpr, value):
+    # value into hidden units j of row g of a (rows, hidden, D) tensor
+    tl.store(W + (g.to(tl.int64) * hidden + j[:, None]) * D + d[None, :], value.to(W.dtype.element_ty),
+             mask=(j < hidden)[:, None] & (d < D)[None, :])
 
 
 @triton.jit
@@ -441,42 +458,113 @@ def _fused_experts_dx_kernel(X, DOut, Gates, W1, W2, DX, DY, DGates, Order, Tile
 
 
 @triton.jit
-def _fused_experts_dw_kernel(X, DY, W1, W2, DW1, DW2, Order, Starts, hidden, K,
-                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
-    g, c = tl.program_id(0), tl.program_id(1) * BLOCK_H  # one expert, one chunk of its hidden units
-    start, end = tl.load(Starts + g), tl.load(Starts + g + 1)
-    j = c + tl.arange(0, BLOCK_H)
-    d = tl.arange(0, BLOCK_D)
-    w1, w2 = _hidden_chunk(W1, g, j, d, hidden, D), _hidden_chunk(W2, g, j, d, hidden, D)
-    dw1 = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
-    dw2 = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
-    for m0 in range(start, end, BLOCK_M):  # the expert's pairs, in order
-        pair, row, ok = _pair_rows(Order, m0 + tl.arange(0, BLOCK_M), end, K)
-        x, dy = _rows(X, row, ok, d, D), _rows(DY, pair, ok, d, D)
-        h, slope = _gelu_and_slope(tl.dot(x, tl.trans(w1), input_precision=PRECISION))
-        dpre = tl.dot(dy, tl.trans(w2), input_precision=PRECISION) * slope
-        dw1 += tl.dot(tl.trans(dpre.to(x.dtype)), x, input_precision=PRECISION)  # dW1_c = dPre^T X
-        dw2 += tl.dot(tl.trans(h.to(x.dtype)), dy, input_precision=PRECISION)    # dW2_c = H^T dY
-    w_ok = (j < hidden)[:, None] & (d < D)[None, :]
-    tl.store(DW1 + (g * hidden + j[:, None]) * D + d[None, :], dw1.to(DW1.dtype.element_ty), mask=w_ok)
-    tl.store(DW2 + (g * hidden + j[:, None]) * D + d[None, :], dw2.to(DW2.dtype.element_ty), mask=w_ok)
+def _fused_experts_dw_kernel(X, DY, W1, W2, DW1, DW2, Partial1, Partial2, Order, ChunkGroup, ChunkStart,
+                             ChunkEnd, ChunkSlot, hidden, K, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
+    t, c = tl.program_id(0), tl.program_id(1) * BLOCK_H  # one chunk of an expert's pairs, one chunk of its hidden units
+    g = tl.load(ChunkGroup + t)
+    if g >= 0:
+        start, end, slot = tl.load(ChunkStart + t), tl.load(ChunkEnd + t), tl.load(ChunkSlot + t)
+        j = c + tl.arange(0, BLOCK_H)
+        d = tl.arange(0, BLOCK_D)
+        w1, w2 = _hidden_chunk(W1, g, j, d, hidden, D), _hidden_chunk(W2, g, j, d, hidden, D)
+        dw1 = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
+        dw2 = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
+        for m0 in range(start, end, BLOCK_M):  # the chunk's pairs, in order
+            pair, row, ok = _pair_rows(Order, m0 + tl.arange(0, BLOCK_M), end, K)
+            x, dy = _rows(X, row, ok, d, D), _rows(DY, pair, ok, d, D)
+            h, slope = _gelu_and_slope(tl.dot(x, tl.trans(w1), input_precision=PRECISION))
+            dpre = tl.dot(dy, tl.trans(w2), input_precision=PRECISION) * slope
+            dw1 += tl.dot(tl.trans(dpre.to(x.dtype)), x, input_precision=PRECISION)  # dW1_c = dPre^T X
+            dw2 += tl.dot(tl.trans(h.to(x.dtype)), dy, input_precision=PRECISION)    # dW2_c = H^T dY
+        if slot < 0:  # the expert's only chunk: its gradient, written once
+            _store_hidden_chunk(DW1, g, j, d, hidden, D, dw1)
+            _store_hidden_chunk(DW2, g, j, d, hidden, D, dw2)
+        else:         # one of several: partial sums, added up in order by _sum_chunks_kernel
+            _store_hidden_chunk(Partial1, slot, j, d, hidden, D, dw1)
+            _store_hidden_chunk(Partial2, slot, j, d, hidden, D, dw2)
 
 
 def tile_table(starts, n_pairs, block_m):
     """
-    (group, first pair, end) of every tile of up to block_m pairs of one expert, as
-    int32 tensors padded with empty tiles to a static count (sum_g ceil(c_g / m) is at
-    most ceil(P / m) + G), so that no count is read back to the host.
+    (group, first pair, end) of every tile of up to block_m pairs of one expert, as int32
+    tensors padded to a static count, so that no count is read back to the host. Every
+    group has at least one tile (an expert no pair chose gets an empty one, so that its
+    weight gradient is still written, as zeros); the tiles past the last are padding, of
+    group -1. In all at most ceil(P / m) + G, since max(1, ceil(c / m)) <= c / m + 1.
     """
     n_groups = starts.numel() - 1
-    tiles = (starts.diff() + block_m - 1) // block_m
+    tiles = ((starts.diff() + block_m - 1) // block_m).clamp_min(1)
     last = tiles.cumsum(0)                                   # tiles of groups 0..g
     t = torch.arange(triton.cdiv(n_pairs, block_m) + n_groups, device=starts.device)
     group = torch.searchsorted(last, t, right=True).clamp(max=n_groups - 1)
     first = starts[group] + (t - (last[group] - tiles[group])) * block_m
-    end = torch.where(t < last[-1], torch.minimum(first + block_m, starts[group + 1]), first)
-    return group.int(), first.int(), end.int()
+    real = t < last[-1]
+    end = torch.where(real, torch.minimum(first + block_m, starts[group + 1]), first)
+    return torch.where(real, group, -1).int(), first.int(), end.int()
+
+
+class Chunks(NamedTuple):
+    group: torch.Tensor       # per chunk: its group (head * N_e + expert), -1 for padding
+    start: torch.Tensor       # its first pair in clustered order
+    end: torch.Tensor
+    slot: torch.Tensor        # its row of partial sums; -1: its group's only chunk, written in place
+    first_slot: torch.Tensor  # per group: the first of its rows of partial sums
+    slots: torch.Tensor       # per group: how many (0 for a group of one chunk)
+    max_slots: int            # rows of partial sums to allocate
+
+
+# A chunk holds up to 8 times an expert's mean pairs, so that balanced routing leaves
+# every expert in one chunk, written in place, while a hot expert's pairs spread over
+# many programs; and at least 256, so that the partial sums stay few when experts are.
+CHUNK_MEANS, CHUNK_MIN = 8, 256
+
+
+def chunk_pairs(n_pairs, n_groups, block):
+    """Pairs per chunk of the weight-gradient programs, a multiple of block."""
+    return block * triton.cdiv(max(CHUNK_MIN, int(CHUNK_MEANS * n_pairs / max(n_groups, 1))), block)
+
+
+def chunk_table(starts, n_pairs, chunk):
+    """
+    The weight gradients' work split so that its time does not depend on how the pairs
+    spread over experts: every expert's pairs in chunks of at most `chunk`, one program
+    each. An expert of one chunk writes its gradient in place; the chunks of an expert
+    split over several write partial sums to rows of their own, which _sum_chunks_kernel
+    adds in chunk order: deterministic, no atomics. A group of c > chunk pairs has
+    t = ceil(c / chunk) <= 2 (t - 1) < 2 c / chunk chunks: at most 2 P / chunk rows.
+    """
+    group, first, end = tile_table(starts, n_pairs, chunk)
+    tiles = (starts.diff() + chunk - 1) // chunk
+    slots = torch.where(tiles > 1, tiles, 0)
+    first_slot = slots.cumsum(0) - slots
+    g = group.long().clamp_min(0)
+    slot = torch.where(slots[g] > 0, first_slot[g] + (first - starts[g]) // chunk, -1)
+    return Chunks(group, first, end, slot.int(), first_slot.int(), slots.int(), 2 * n_pairs // chunk + 1)
+
+
+@triton.jit
+def _sum_chunks_kernel(Partial, Out, FirstSlot, Slots, width, BLOCK: tl.constexpr):
+    # row g of Out = the sum of group g's partial rows, in chunk order (groups of one chunk: written already)
+    g = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    n = tl.load(Slots + g)
+    if n > 0:
+        first, ok = tl.load(FirstSlot + g), cols < width
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for i in range(n):
+            acc += tl.load(Partial + (first + i).to(tl.int64) * width + cols, mask=ok, other=0.0)
+        tl.store(Out + g.to(tl.int64) * width + cols, acc.to(Out.dtype.element_ty), mask=ok)
+
+
+SUM_CHUNKS_BLOCK = 2048
+
+
+def sum_chunks(partial, out, chunks):
+    """Adds up the partial sums of the groups split over several chunks into out, (G, ...)."""
+    width = out[0].numel()
+    _sum_chunks_kernel[(out.size(0), triton.cdiv(width, SUM_CHUNKS_BLOCK))](
+        partial, out, chunks.first_slot, chunks.slots, width, BLOCK=SUM_CHUNKS_BLOCK)
 
 
 def fused_launch(x, config):
@@ -517,8 +605,15 @@ class FusedExperts(torch.autograd.Function):
         _fused_experts_dx_kernel[(tiles[0].numel(),)](
             x, dout, gates, w1, w2, dx, dy, dgates, order, *tiles, hidden, k, **fused_launch(x, ctx.config))
         dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
-        _fused_experts_dw_kernel[(n_groups, triton.cdiv(hidden, ctx.dw_config["BLOCK_H"]))](
-            x, dy, w1, w2, dw1, dw2, order, starts, hidden, k, **fused_launch(x, ctx.dw_config))
+        block_m = ctx.dw_config["BLOCK_M"]
+        chunks = chunk_table(starts, order.numel(), chunk_pairs(order.numel(), n_groups, block_m))
+        partial1, partial2 = (torch.empty(chunks.max_slots, hidden, dim, device=x.device, dtype=torch.float32)
+                              for _ in range(2))
+        _fused_experts_dw_kernel[(chunks.group.numel(), triton.cdiv(hidden, ctx.dw_config["BLOCK_H"]))](
+            x, dy, w1, w2, dw1, dw2, partial1, partial2, order, chunks.group, chunks.start, chunks.end,
+            chunks.slot, hidden, k, **fused_launch(x, ctx.dw_config))
+        sum_chunks(partial1, dw1, chunks)
+        sum_chunks(partial2, dw2, chunks)
         return dx.view(-1, k, dim).sum(1), dgates.to(gates.dtype), dw1, dw2, None, None, None
 
 

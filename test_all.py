@@ -471,6 +471,24 @@ def test_triton_router_matches_fp64_in_experts_scores_and_gradients(k):
     torch.testing.assert_close(dw.double(), dw64, rtol=1e-5, atol=1e-5)
 
 
+def test_triton_router_gradient_of_a_hot_expert_matches_fp64_in_chunks(monkeypatch):
+    # every token of both heads picks experts 0..2: 300 pairs each, in chunks of 64 (5 each)
+    monkeypatch.setattr(kernels, "CHUNK_MIN", 1)
+    monkeypatch.setattr(kernels, "CHUNK_MEANS", 1)
+    x, w, b = route_inputs(300, 2, 32, 20, seed=5)
+    b[:, :3] += 100.0
+    w.requires_grad_(True)
+    scores, idx = kernels.topk_route_triton(x, w, b, 3)
+    assert (idx.sort(-1).values == torch.arange(3, device=DEV)).all()
+    g = torch.randn_like(scores)
+    dw, = torch.autograd.grad((scores * g).sum(), w)
+    w64 = w.detach().double().requires_grad_()
+    dw64, = torch.autograd.grad((torch.einsum("nhd,hde->nhe", x.double(), w64).gather(-1, idx) * g.double()).sum(),
+                                w64)
+    torch.testing.assert_close(dw.double(), dw64, rtol=1e-5, atol=1e-5)
+    assert (dw[..., 3:] == 0).all()  # experts no token chose
+
+
 @pytest.mark.parametrize("dim", [64, 128, 256])
 def test_triton_router_at_every_head_width(dim):
     x, w, b = route_inputs(37, 2, dim, 100, seed=dim)
@@ -584,14 +602,20 @@ def test_flex_expert_forward_matches_fp64_oracle(routing, expert_dim):
     torch.testing.assert_close(kernels.expert_ffn_reference(*args).double().cpu(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("routing,n_expert,expert_dim,dim", [("uniform", 40, 48, 16), ("one_expert", 5, 70, 16),
-                                                              ("skewed", 5, 40, 136)])
-def test_fused_triton_experts_match_fp64_in_output_and_gradients(routing, n_expert, expert_dim, dim):
+@pytest.mark.parametrize("routing,n_expert,expert_dim,dim,chunked", [
+    ("uniform", 40, 48, 16, False), ("one_expert", 5, 70, 16, False), ("skewed", 5, 40, 136, False),
+    ("one_expert", 5, 70, 16, True), ("skewed", 6, 40, 16, True)])
+def test_fused_triton_experts_match_fp64_in_output_and_gradients(routing, n_expert, expert_dim, dim, chunked,
+                                                                  monkeypatch):
     # 37 x 3 pairs: partial tiles, of 16 pairs over 40 experts (dW in chunks of 32 hidden units),
     # of 32 over 5; d_e = 70: full and partial chunks of hidden units;
     # d_h = 136: rows wider than 128 take tiles of 32 pairs, padded to 256 columns. On a GPU
     # those rows are tested in bf16: in fp32 (544 bytes) expert_path sends them to flex; the
-    # CPU interpreter cannot dot bf16 (triton#11584), so there they stay fp32
+    # CPU interpreter cannot dot bf16 (triton#11584), so there they stay fp32.
+    # chunked: the weight gradients of hot experts in chunks of one tile, summed in order
+    if chunked:
+        monkeypatch.setattr(kernels, "CHUNK_MIN", 1)
+        monkeypatch.setattr(kernels, "CHUNK_MEANS", 1)
     wide_bf16 = DEV == "cuda" and dim * 4 > kernels.FUSED_MAX_ROW_BYTES
     dtype, tol = (torch.bfloat16, 2e-2) if wide_bf16 else (torch.float32, 1e-5)
     args = expert_inputs(37, 2, dim, n_expert, expert_dim, 3, routing)
@@ -603,6 +627,33 @@ def test_fused_triton_experts_match_fp64_in_output_and_gradients(routing, n_expe
     got.backward(g.to(dtype))
     for a, b in [(got, want)] + [(a.grad, b.grad) for a, b in zip(got_in, want_in) if b.grad is not None]:
         assert torch.linalg.norm(a.double() - b) / torch.linalg.norm(b) < tol
+
+
+@pytest.mark.parametrize("counts,chunk", [([0, 5, 40, 0, 3], 8), ([100], 16), ([0, 0, 0], 4), ([1] * 7, 2),
+                                          ([17, 0, 16, 33], 16)])
+def test_chunk_table_covers_every_pair_once_in_bounded_chunks(counts, chunk):
+    starts = torch.tensor([0] + counts).cumsum(0).to(DEV)
+    n_pairs, n_groups = sum(counts), len(counts)
+    c = kernels.chunk_table(starts, n_pairs, chunk)
+    group, start, end, slot = (t.cpu().tolist() for t in (c.group, c.start, c.end, c.slot))
+    assert len(group) == -(-n_pairs // chunk) + n_groups  # a static count: no host sync
+    real = [t for t in range(len(group)) if group[t] >= 0]
+    assert all(start[t] == end[t] for t in range(len(group)) if group[t] < 0)  # padding is empty
+    used = []
+    for g, count in enumerate(counts):
+        mine = [t for t in real if group[t] == g]
+        assert len(mine) == max(1, -(-count // chunk))  # an expert without pairs still writes its zeros
+        assert [start[t] for t in mine] == sorted(start[t] for t in mine)
+        pairs = [p for t in mine for p in range(start[t], end[t])]
+        assert pairs == list(range(int(starts[g]), int(starts[g + 1])))  # in order, each pair once
+        assert all(end[t] - start[t] <= chunk for t in mine)
+        if len(mine) == 1:
+            assert slot[mine[0]] == -1 and c.slots[g] == 0
+        else:
+            assert [slot[t] for t in mine] == list(range(int(c.first_slot[g]), int(c.first_slot[g]) + len(mine)))
+            assert c.slots[g] == len(mine)
+            used += [slot[t] for t in mine]
+    assert len(set(used)) == len(used) and all(0 <= s < c.max_slots for s in used)
 
 
 @pytest.mark.parametrize("pairs,dim,tiles,dw_tiles", [(2.0, 128, 16, (16, 32)), (32.0, 128, 32, (32, 64)),
@@ -708,12 +759,20 @@ def parallel_worker(rank, world, mode, size, skew, store, backend="gloo", ffn=No
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode,world,skew", [("hp", 2, False), ("hp", 4, False), ("hp", 2, True),
-                                             ("ep", 2, False), ("ep", 4, False), ("ep", 2, True)])
+@pytest.mark.parametrize("mode,world,skew", [("hp", 2, False), ("hp", 4, False), ("hp", 4, True),
+                                             ("ep", 2, False), ("ep", 4, False)])
 def test_parallel_loss_and_gradients_equal_one_process(mode, world, skew):
     with tempfile.TemporaryDirectory() as tmp:
         torch.multiprocessing.spawn(parallel_worker, args=(world, mode, world, skew, os.path.join(tmp, "store")),
                                     nprocs=world)
+
+
+@pytest.mark.parametrize("ffn", ["moe", "latent_moe", "mh_latent_moe"])
+def test_expert_parallel_survives_ranks_that_receive_no_pair(ffn):
+    # skewed: every token picks experts 1, 2, 3, owned by ranks 0 and 1; ranks 2 and 3 get nothing
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.multiprocessing.spawn(parallel_worker, args=(4, "ep", 4, True, os.path.join(tmp, "store"), "gloo", ffn),
+                                    nprocs=4)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs 2 GPUs")
@@ -731,10 +790,11 @@ def test_expert_parallel_of_latent_and_multi_head_models_equals_one_process(ffn)
         torch.multiprocessing.spawn(parallel_worker, args=(2, "ep", 2, False, store, "gloo", ffn), nprocs=2)
 
 
-def test_head_parallel_with_data_parallel_replicas_equals_one_process():
+@pytest.mark.parametrize("skew", [False, True])
+def test_head_parallel_with_data_parallel_replicas_equals_one_process(skew):
     with tempfile.TemporaryDirectory() as tmp:  # W = 4 ranks: P = 2 heads-groups x R = 2 replicas
         store = os.path.join(tmp, "store")
-        torch.multiprocessing.spawn(parallel_worker, args=(4, "hp", 2, False, store), nprocs=4)
+        torch.multiprocessing.spawn(parallel_worker, args=(4, "hp", 2, skew, store), nprocs=4)
 
 
 @pytest.mark.parametrize("mode", ["hp", "ep"])
