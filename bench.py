@@ -91,14 +91,40 @@ def line_plot(x_key, series, ylabel, log_x=True):
 # -----------------------------------------------------------------------------
 # Fig. 4: routing, B=40, T=2048, N_h=8, d_h=128, k=4
 
-def bench_router(B=40, T=2048, n_heads=8, dim=128, k=4, experts=(64, 256, 1024, 4096)):
+def routing_bias(n_heads, n_expert, k, routing, score_std):
+    """
+    A router bias that skews the choice: "uniform" none; "zipf2" expert e about (e + 1)^-2 as
+    likely (-2 beta log(e + 1), beta the scale of the largest of N_e Gaussian scores of std
+    score_std, as for Gumbel noise); "hot" every token on experts 0..k-1.
+    """
+    e = torch.arange(n_expert, device="cuda", dtype=torch.float32)
+    beta = score_std / (2 * torch.log(torch.tensor(float(n_expert)))) ** 0.5
+    bias = {"uniform": 0 * e, "zipf2": -2 * beta * torch.log1p(e), "hot": 100.0 * (e < k)}[routing]
+    return bias.expand(n_heads, -1).contiguous()
+
+
+def load_max_over_mean(idx, n_expert):
+    """The busiest expert's picks over the mean, worst head: 1 balanced, N_e / k all on k experts."""
+    heads = idx.flatten(0, -3)  # (tokens, N_h, k)
+    counts = torch.stack([torch.bincount(heads[:, h].flatten(), minlength=n_expert) for h in range(heads.size(1))])
+    return (counts.max(-1).values / counts.float().mean(-1)).max().item()
+
+
+ROUTER_ROWS = [(64, "uniform"), (256, "uniform"), (384, "uniform"), (384, "zipf2"), (384, "hot"),
+               (1024, "uniform"), (1024, "zipf2"), (1024, "hot"), (4096, "uniform")]
+
+
+def bench_router(B=40, T=2048, n_heads=8, dim=128, k=4, cases=ROUTER_ROWS):
+    """Skewed rows time only ours: the naive path's matmul + topk does not depend on the routing."""
     rows = []
-    for n_expert in experts:
+    for n_expert, routing in cases:
         x = torch.randn(B, T, n_heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         w = (torch.randn(n_heads, dim, n_expert, device="cuda") * 0.02).requires_grad_()
-        b = torch.randn(n_heads, n_expert, device="cuda") * 1e-3
-        row = {"N_e": n_expert}
-        for name, route in (("naive", kernels.topk_route_reference), ("ours", kernels.topk_route_triton)):
+        b = torch.randn(n_heads, n_expert, device="cuda") * 1e-3 + routing_bias(n_heads, n_expert, k, routing,
+                                                                                 0.02 * dim ** 0.5)
+        row = {"N_e": n_expert, "routing": routing}
+        routes = {"naive": kernels.topk_route_reference, "ours": kernels.topk_route_triton}
+        for name, route in routes.items() if routing == "uniform" else [("ours", kernels.topk_route_triton)]:
             scores, idx = route(x, w, b, k)
             g = torch.randn_like(scores)
             row[f"{name} fwd ms"], row[f"{name} fwd MiB"] = timed(lambda: route(x, w, b, k))
@@ -109,29 +135,47 @@ def bench_router(B=40, T=2048, n_heads=8, dim=128, k=4, experts=(64, 256, 1024, 
             row[f"{name} fwd+bwd ms"], row[f"{name} fwd+bwd MiB"] = timed(fwd_bwd)
             row[f"{name} idx"] = idx
             row[f"{name} scores"] = scores
-        ref_scores = row.pop("naive scores")
-        row["same experts"] = f"{(row.pop('naive idx') == row.pop('ours idx')).float().mean().item():.6f}"
-        row["score rel err"] = rel_error(row.pop("ours scores"), ref_scores)
+        row["load max/mean"] = load_max_over_mean(row["ours idx"], n_expert)
+        if routing == "uniform":
+            ref_scores = row.pop("naive scores")
+            row["same experts"] = f"{(row.pop('naive idx') == row['ours idx']).float().mean().item():.6f}"
+            row["score rel err"] = rel_error(row["ours scores"], ref_scores)
+        del row["ours idx"], row["ours scores"]
         row["fp32 floor ms"] = 2 * B * T * n_heads * dim * n_expert / 51e12 * 1e3  # at ~51 TFLOP/s FMA
         rows.append(row)
         del x, w, b
-    cols = ["N_e", "naive fwd ms", "naive fwd+bwd ms", "naive fwd+bwd MiB", "ours fwd ms", "ours fwd+bwd ms",
-            "ours fwd+bwd MiB", "fp32 floor ms", "same experts", "score rel err"]
-    report("router", rows, cols, line_plot("N_e", {
+    cols = ["N_e", "routing", "load max/mean", "naive fwd ms", "naive fwd+bwd ms", "naive fwd+bwd MiB", "ours fwd ms",
+            "ours fwd+bwd ms", "ours fwd+bwd MiB", "fp32 floor ms", "same experts", "score rel err"]
+    uniform = [r for r in rows if r["routing"] == "uniform"]
+    report("router", rows, cols, lambda _, path: line_plot("N_e", {
         "latency": ["naive fwd ms", "naive fwd+bwd ms", "ours fwd ms", "ours fwd+bwd ms"],
-        "memory": ["naive fwd+bwd MiB", "ours fwd+bwd MiB"]}, {"latency": "ms", "memory": "MiB"}))
+        "memory": ["naive fwd+bwd MiB", "ours fwd+bwd MiB"]}, {"latency": "ms", "memory": "MiB"})(uniform, path))
 
 
 # -----------------------------------------------------------------------------
 # Fig. 5: experts, 8 heads of d_h=128, k=4
 
-def bench_experts(shapes=((2048, 64, 256), (2048, 256, 128), (2048, 1024, 128), (2048, 4096, 128),
-                          (32768, 384, 256)), n_heads=8, dim=128, k=4):
+EXPERT_ROWS = [(2048, 64, 256, "uniform"), (2048, 256, 128, "uniform"), (2048, 1024, 128, "uniform"),
+               (2048, 4096, 128, "uniform"), (32768, 384, 256, "uniform"), (32768, 384, 256, "zipf2"),
+               (32768, 384, 256, "hot")]
+
+
+def expert_routing(tokens, n_heads, n_expert, k, routing):
+    """(tokens, N_h, k) distinct experts: uniform, Zipf s = 2, or every token on experts 0..k-1."""
+    if routing == "hot":
+        return torch.arange(k, device="cuda").expand(tokens, n_heads, k).contiguous()
+    s = {"uniform": 0, "zipf2": 2}[routing]
+    return zipf_routing(tokens * n_heads, n_expert, k, s, torch.Generator().manual_seed(0)).view(
+        tokens, n_heads, k).cuda()
+
+
+def bench_experts(cases=EXPERT_ROWS, n_heads=8, dim=128, k=4):
+    """Skewed rows time the fused kernels only, against their own uniform row."""
     rows = []
-    for tokens, n_expert, expert_dim in shapes:
+    for tokens, n_expert, expert_dim, routing in cases:
         x = torch.randn(tokens, n_heads, dim, device="cuda", dtype=torch.bfloat16)
         x = (x * 0.64).requires_grad_()  # sub-token scale at init: W_in of N(0, 0.02) on unit-RMS inputs
-        idx = torch.rand(tokens * n_heads, n_expert, device="cuda").argsort(-1)[:, :k].view(tokens, n_heads, k)
+        idx = expert_routing(tokens, n_heads, n_expert, k, routing)
         gates = torch.softmax(torch.randn(tokens, n_heads, k, device="cuda"), -1).bfloat16().requires_grad_()
         w1 = (torch.randn(n_heads, n_expert, expert_dim, dim, device="cuda") * 0.02).bfloat16().requires_grad_()
         w2 = (torch.randn(n_heads, n_expert, expert_dim, dim, device="cuda") * 0.02 / 24 ** 0.5).bfloat16()
@@ -139,10 +183,12 @@ def bench_experts(shapes=((2048, 64, 256), (2048, 256, 128), (2048, 1024, 128), 
         inputs = (x, idx, gates, w1, w2)
         want = kernels.expert_ffn_reference(*(t.float() if t.is_floating_point() else t for t in inputs))
         useful = 4 * tokens * k * expert_dim * dim * n_heads  # forward flops
-        row = {"tokens/head": tokens, "N_e": n_expert, "d_e": expert_dim}
-        ffns = {"fused": kernels.expert_ffn_fused, "flex": kernels.expert_ffn_flex,
-                "grouped_mm": kernels.expert_ffn_grouped}
-        if n_heads * n_expert <= 4096:  # the plain per-expert loop is a Python loop over groups
+        row = {"tokens/head": tokens, "N_e": n_expert, "d_e": expert_dim, "routing": routing,
+               "load max/mean": load_max_over_mean(idx, n_expert)}
+        ffns = {"fused": kernels.expert_ffn_fused}
+        if routing == "uniform":
+            ffns |= {"flex": kernels.expert_ffn_flex, "grouped_mm": kernels.expert_ffn_grouped}
+        if routing == "uniform" and n_heads * n_expert <= 4096:  # the plain path is a Python loop over groups
             ffns["plain"] = kernels.expert_ffn_reference
         for name, ffn in ffns.items():
             try:
@@ -160,13 +206,13 @@ def bench_experts(shapes=((2048, 64, 256), (2048, 256, 128), (2048, 1024, 128), 
             row[f"{name} fwd TFLOP/s"] = useful / row[f"{name} fwd ms"] / 1e9
         rows.append(row)
         del inputs, x, w1, w2, want
-    report("experts", rows, EXPERT_COLUMNS, line_plot("N_e", {
+    report("experts", rows, EXPERT_COLUMNS, lambda _, path: line_plot("N_e", {
         "forward": ["fused fwd ms", "flex fwd ms", "grouped_mm fwd ms", "plain fwd ms"],
         "forward+backward": ["fused fwd+bwd ms", "flex fwd+bwd ms", "grouped_mm fwd+bwd ms", "plain fwd+bwd ms"]},
-        {"forward": "ms", "forward+backward": "ms"}))
+        {"forward": "ms", "forward+backward": "ms"})([r for r in rows if r["tokens/head"] == 2048], path))
 
 
-EXPERT_COLUMNS = ["tokens/head", "N_e", "d_e", "fused fwd ms", "fused fwd+bwd ms", "fused rel err", "fused fwd TFLOP/s",
+EXPERT_COLUMNS = ["tokens/head", "N_e", "d_e", "routing", "load max/mean", "fused fwd ms", "fused fwd+bwd ms", "fused rel err", "fused fwd TFLOP/s",
                   "flex fwd ms", "flex fwd+bwd ms", "flex rel err", "grouped_mm fwd ms", "grouped_mm fwd+bwd ms",
                   "grouped_mm rel err", "plain fwd ms", "plain fwd+bwd ms"]
 
@@ -284,7 +330,7 @@ def bench_e2e(argv):
 
     import train
     from model import GPT
-    counts, rest = {"bench_warmup": 3, "bench_steps": 10}, []
+    counts, rest = {"bench_warmup": 3, "bench_steps": 10, "bench_balance": 20}, []
     for arg in argv:
         key, _, value = arg.removeprefix("--").partition("=")
         if key in counts:
@@ -292,6 +338,9 @@ def bench_e2e(argv):
         else:
             rest.append(arg)
     a, config = train.parse_args(rest)
+    # the routing timed: balanced by the bias first (frozen weights), the initialised one, or forced skew
+    routing = (f"route_skew={a['route_skew']:g}" if a["route_skew"] else
+               "balanced" if counts["bench_balance"] and config.is_moe else "init")
     timed_end = counts["bench_warmup"] + counts["bench_steps"]
     gpu = torch.cuda.is_available() and a["device"] != "cpu"
     total = timed_end + gpu  # the profiled step comes after the timed ones
@@ -299,7 +348,8 @@ def bench_e2e(argv):
     # real run: at full rate from step 1, routing collapses onto k experts within a few steps
     first_lr = a["lr"] / max(a["warmup_steps"], 1)
     fixed = [f"--max_steps={total}", f"--lr={first_lr}", "--min_lr=0", "--warmup_steps=0", "--decay_steps=0",
-             "--eval_interval=0", "--ckpt_interval=0", f"--log_interval={total}"]
+             "--eval_interval=0", "--ckpt_interval=0", f"--log_interval={total}",
+             f"--balance_steps={counts['bench_balance'] if routing == 'balanced' else 0}"]
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if gpu else None
 
     def on_step(step):
@@ -318,9 +368,10 @@ def bench_e2e(argv):
     tps = a["batch_tokens"] / ms * 1e3
     with torch.device("meta"):
         flops = GPT(config).flops_per_token()
-    fields = {f.name for f in dataclasses.fields(config)} | {"route_skew"}  # what tells rows apart
+    fields = {f.name for f in dataclasses.fields(config)} | {"parallel_size"}  # what tells rows apart
     changed = [arg.removeprefix("--") for arg in rest if arg.removeprefix("--").partition("=")[0] in fields]
     row = {"model": " ".join([a["preset"] or config.ffn] + changed), "parallel": a["parallel"], "GPUs": world,
+           "routing": routing,
            "global batch": a["batch_tokens"], "step ms": ms, "tokens/s": tps,
            "MFU %": 100 * flops * tps / (world * a["peak_tflops"] * 1e12) if gpu else "-",
            "peak GiB": steps[-1]["peak_gib"] or "-",
@@ -335,11 +386,12 @@ def bench_e2e(argv):
             print(f"  {v:9.2f}  {name[:110]}")
     path = os.path.join(OUT, "e2e.json")
     rows = json.load(open(path))["rows"] if os.path.exists(path) else []
-    rows = [r for r in rows if (r["model"], r["parallel"], r["GPUs"]) != (row["model"], row["parallel"], world)]
+    key = ("model", "parallel", "GPUs", "routing")
+    rows = [r for r in rows if [r.get(c) for c in key] != [row[c] for c in key]]
     report("e2e", rows + [row], E2E_COLUMNS, throughput_bars)
 
 
-E2E_COLUMNS = (["model", "parallel", "GPUs", "global batch", "step ms", "tokens/s", "MFU %", "peak GiB",
+E2E_COLUMNS = (["model", "parallel", "GPUs", "routing", "global batch", "step ms", "tokens/s", "MFU %", "peak GiB",
                 "load max/mean"] + [f"{part} ms" for part, _ in STEP_PARTS] + ["other ms"])
 
 
@@ -348,7 +400,8 @@ def throughput_bars(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows)), 4))
-    ax.bar([f"{r['model']}\n{r['parallel']} x{r['GPUs']}" for r in rows], [r["tokens/s"] for r in rows])
+    ax.bar([f"{r['model']}\n{r['parallel']} x{r['GPUs']}\n{r.get('routing', 'init')}" for r in rows],
+           [r["tokens/s"] for r in rows])
     ax.set(ylabel="tokens/s", title="training throughput")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -5,6 +5,7 @@ Oracles are independent: per-token float64 loops over the paper's equations,
 single-process runs for multi-process ones, uninterrupted runs for resumed ones.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -1003,16 +1004,29 @@ def test_end_to_end_benchmark_reports_throughput(corpus, tmp_path, monkeypatch):
     args = run_args(corpus, str(tmp_path / "unused"))
     args = [a for a in args if not a.split("=")[0] in ("--max_steps", "--warmup_steps", "--decay_steps",
                                                        "--eval_interval", "--log_interval", "--out_dir")]
-    bench.bench_e2e(args + ["--bench_warmup=1", "--bench_steps=2"])
+    bench.bench_e2e(args + ["--bench_warmup=1", "--bench_steps=2", "--bench_balance=3"])
     rows = json.load(open(tmp_path / "e2e.json"))["rows"]
     assert len(rows) == 1 and rows[0]["tokens/s"] > 0 and rows[0]["parallel"] == "dp"
-    bench.bench_e2e(args + ["--bench_warmup=1", "--bench_steps=1", "--route_skew=5"])  # a row of its own
+    for extra in ("--bench_balance=0", "--route_skew=5"):  # rows of their own
+        bench.bench_e2e(args + ["--bench_warmup=1", "--bench_steps=1", extra])
     rows = json.load(open(tmp_path / "e2e.json"))["rows"]
-    assert len(rows) == 2 and rows[1]["model"].endswith("route_skew=5")
-    # the worst layer's load: near balance at init, every token on the same k experts when skewed
-    assert 1 <= rows[0]["load max/mean"] < SMALL["n_expert"] / SMALL["topk"]
-    assert rows[1]["load max/mean"] == pytest.approx(SMALL["n_expert"] / SMALL["topk"])
+    assert [r["routing"] for r in rows] == ["balanced", "init", "route_skew=5"]
+    # the worst layer's load: below every token on the same k experts, unless skewed
+    assert all(1 <= r["load max/mean"] < SMALL["n_expert"] / SMALL["topk"] for r in rows[:2])
+    assert rows[2]["load max/mean"] == pytest.approx(SMALL["n_expert"] / SMALL["topk"])
     assert (tmp_path / "e2e.md").exists()
+
+
+def test_balancing_moves_only_the_router_biases_toward_balance(corpus):
+    torch.manual_seed(0)
+    model = GPT(small_config(ffn="mh_latent_moe", n_expert=16, topk=2))
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    data = train.TokenStream(corpus, "train", 4, SMALL["block_size"])
+    first, last = train.balance_routing(model, data, 30, 2, contextlib.nullcontext(), torch.device("cpu"))
+    assert last < 0.75 * first, (first, last)  # 3.47 -> 2.28 here; a uniform router would show ~1.5
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())  # the weights stay frozen
+    assert all(m.route_bias.abs().sum() > 0 and (m.load == 0).all() for m in model.routed_experts())
+    assert data.state_dict() == {"pos": 0, "epoch": 0}  # training then reads the same data
 
 
 def test_step_split_sorts_kernels_into_parts():

@@ -44,6 +44,7 @@ DEFAULTS = dict(
     lr=5e-4, min_lr=0.0, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
     max_steps=15_000, warmup_steps=8000, decay_steps=2000,
     bias_update_rate=1e-3,     # u of the aux-loss-free load balancing
+    balance_steps=0,           # forward-only steps before training that move only the router biases
     route_skew=0.0,            # stress test: start every router bias this much higher on experts 0..k-1
     # system
     device="auto", compile=False, seed=1337, peak_tflops=989.0,  # peak for MFU: H100 dense bf16
@@ -104,7 +105,7 @@ def check_args(a):
                 "max_bad_steps", "collapse_steps"):
         if a[key] < 1:
             bad(key, "it must be at least 1")
-    for key in ("eval_interval", "ckpt_interval"):
+    for key in ("eval_interval", "ckpt_interval", "balance_steps"):
         if a[key] < 0:
             bad(key, "it must be at least 0 (0 turns it off)")
     if a["warmup_steps"] < 0 or a["decay_steps"] < 0:
@@ -245,6 +246,28 @@ def load_checkpoint(resume, out_dir):
     return None, None
 
 
+BALANCE_RATE = 0.05  # the first balancing step's u, decaying linearly to 0
+
+
+@torch.no_grad()
+def balance_routing(model, data, steps, accum, autocast, device):
+    """
+    Forward passes with the weights frozen that move only the router biases toward
+    balance (b += u sign(mean - load), u decaying from BALANCE_RATE), so that training,
+    or a benchmark, starts from the routing the bias would reach, not the initialised
+    one. The data stream is rewound afterwards. Returns the first and last step's worst load.
+    """
+    loads = []
+    for i in range(steps):
+        for _ in range(accum):
+            x, _ = (to_device(t, device) for t in data.next_batch())
+            with autocast:
+                model(x)
+        loads.append(max(parallel.update_router_biases(model, BALANCE_RATE * (1 - i / steps))))
+    data.load_state_dict({"pos": 0, "epoch": 0})
+    return loads[0], loads[-1]
+
+
 class CollapseWatch:
     """Says when one expert takes more than `share` of a layer's routed tokens for `steps` steps in a row."""
 
@@ -281,11 +304,15 @@ def main(argv, on_step=None):
                          f"world_size x batch_size x block_size = {steps_tokens}; change one of them")
     accum = a["batch_tokens"] // steps_tokens
 
-    model = GPT(config).to(device)  # every rank builds the same whole model from the seed ...
+    with torch.device(device):  # initialised where it runs: one CPU thread per rank would take a minute at 4B
+        model = GPT(config)     # every rank builds the same whole model from the seed ...
     active, total = model.num_params()
     for experts in model.routed_experts():  # --route_skew: nearly every token picks the same k experts
         experts.route_bias[:, :experts.topk] += a["route_skew"]
     parallel.shard_model(model, layout)  # ... and keeps its own expert shard
+    if device.type == "cuda":  # the whole model existed for a moment: report the memory of training
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     optimizer = model.configure_optimizer(a["weight_decay"], a["lr"], (a["beta1"], a["beta2"]),
                                           fused=device.type == "cuda")
     train_data = TokenStream(a["data_dir"], "train", a["batch_size"], config.block_size, rank, world,
@@ -316,9 +343,14 @@ def main(argv, on_step=None):
               f"{layout.mode} over {layout.size} rank(s) | "
               f"{accum} micro-batches of {a['batch_size']}x{config.block_size} per rank per step | "
               f"validation on {val_batches * steps_tokens:,} tokens")
-    log = open(os.path.join(a["out_dir"], "log.jsonl"), "a", buffering=1) if master else None
     forward = torch.compile(model) if a["compile"] else model
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+    if a["balance_steps"] and step == 0 and model.routed_experts():
+        first, last = balance_routing(model, train_data, a["balance_steps"], accum, autocast, device)
+        if master:
+            print(f"routing balanced by the bias over {a['balance_steps']} forward-only steps: "
+                  f"worst load max/mean {first:.2f} -> {last:.2f}")
+    log = open(os.path.join(a["out_dir"], "log.jsonl"), "a", buffering=1) if master else None
 
     def validate(step):
         if not val_batches or not a["eval_interval"]:
