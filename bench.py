@@ -6,6 +6,7 @@ The paper's per-component benchmarks (Sec. 4.2), on one GPU.
   python bench.py all
   torchrun --standalone --nproc_per_node=2 bench.py a2a   # Fig. 3: EP vs HP all-to-all, P = 2 GPUs
   python bench.py e2e --preset=mh_2b [train.py options]   # Table 1: training throughput (torchrun for more GPUs)
+      [--bench_warmup=3 --bench_steps=10 --bench_balance=20]  # 0 balancing steps: the initialised routing
   python bench.py quality out/run1 out/run2 ...            # Table 1 at reduced scale: val loss of finished runs
 
 Each prints a markdown table and writes bench_results/<name>.json, .md and .png.
@@ -399,9 +400,11 @@ def throughput_bars(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows)), 4))
-    ax.bar([f"{r['model']}\n{r['parallel']} x{r['GPUs']}\n{r.get('routing', 'init')}" for r in rows],
-           [r["tokens/s"] for r in rows])
+    fig, ax = plt.subplots(figsize=(max(4, 1.5 * len(rows)), 4.5))
+    colors = {"hp": "C0", "ep": "C1", "dp": "C2"}
+    ax.bar([f"{r['model'].replace(' ', chr(10))}\n{r['parallel']} x{r['GPUs']}\n{r.get('routing', 'init')}"
+            for r in rows], [r["tokens/s"] for r in rows], color=[colors[r["parallel"]] for r in rows])
+    ax.tick_params(axis="x", labelsize=8)
     ax.set(ylabel="tokens/s", title="training throughput")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
