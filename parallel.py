@@ -155,7 +155,7 @@ def check_layout(mode, size, world, config):
 
 
 def shard_model(model, layout):
-    """Keep this rank's expert shard of every MoE layer; remember how to gather it back."""
+    """Keep this rank's expert shard of every MoE layer; remember its dim for the checkpoints."""
     from model import MultiHeadLatentMoE, RoutedExperts
     for name, m in model.named_modules():
         if isinstance(m, MultiHeadLatentMoE) and layout.mode == "hp":
@@ -179,45 +179,32 @@ def take_shard(t, dim, layout):
     return nn.Parameter(piece) if isinstance(t, nn.Parameter) else piece
 
 
-def gather_shard(t, dim, layout):
-    pieces = [torch.empty_like(t) for _ in range(layout.size)]
-    dist.all_gather(pieces, t.contiguous(), group=layout.group)
-    return torch.cat(pieces, dim)
+def checkpoint_mesh(layout, world, device):
+    """The (R replicas, P shards) device mesh of the layout, for the checkpoint's DTensors (collective)."""
+    if layout.mode == "dp":
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(device.type, (world // layout.size, layout.size), mesh_dim_names=("replica", "shard"))
 
 
-def full_state(model, optimizer, layout):
-    """The whole model and optimizer state, whatever P (collective: every rank calls it)."""
-    model_state, opt_state = model.state_dict(), optimizer.state_dict()
-    for name, dim in model.shard_dims.items():
-        if name in model_state:
-            model_state[name] = gather_shard(model_state[name], dim, layout)
-    opt_state["state"] = map_sharded_state(model, optimizer, opt_state["state"],
-                                           lambda t, dim: gather_shard(t, dim, layout))
-    return model_state, opt_state
+def sharded_state(model, optimizer, mesh):
+    """
+    The model and AdamW state as torch.distributed.checkpoint sees it. An expert shard is a
+    DTensor placed on the mesh (Replicate over the data-parallel replicas, Shard along its
+    dim within a group); everything else is a plain tensor, which DCP takes as replicated
+    and writes once. The tensors are this rank's own, not copies: saving reads them, loading
+    fills them in place, and DCP reshards a checkpoint of one layout into any other.
+    """
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
-
-def load_full_state(model, optimizer, model_state, opt_state, layout):
-    """Load a full checkpoint into this rank's shard."""
-    model_state = dict(model_state)
-    for name, dim in model.shard_dims.items():
-        if name in model_state:
-            model_state[name] = model_state[name].chunk(layout.size, dim)[layout.index]
-    opt_state = {**opt_state, "state": map_sharded_state(
-        model, optimizer, opt_state["state"], lambda t, dim: t.chunk(layout.size, dim)[layout.index])}
-    model.load_state_dict(model_state)
-    optimizer.load_state_dict(opt_state)
-
-
-def map_sharded_state(model, optimizer, state, fn):
-    """A copy of the optimizer's per-parameter state with fn(tensor, dim) applied to sharded tensors."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    out = {}
-    for i, s in state.items():
-        dim = model.shard_dims.get(names[id(params[i])])
-        out[i] = {key: fn(v, dim) if dim is not None and torch.is_tensor(v) and v.dim() else v
-                  for key, v in s.items()}
-    return out
+    def place(name, t):
+        dim = model.shard_dims.get(name)
+        if dim is None or not t.dim():
+            return t
+        return DTensor.from_local(t, mesh, [Replicate(), Shard(dim)], run_check=False)
+    return {"model": {n: place(n, t) for n, t in model.state_dict().items()},
+            "optimizer": {n: {key: place(n, v) for key, v in optimizer.state[p].items()}
+                          for n, p in model.named_parameters()}}
 
 
 # -----------------------------------------------------------------------------

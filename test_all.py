@@ -9,7 +9,9 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -376,36 +378,82 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(corpus, tmp_path):
     straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
     train.main(run_args(corpus, straight))
     train.main(run_args(corpus, resumed, ckpt_interval=3, keep_last_n=5))
-    os.remove(os.path.join(resumed, "ckpt_00000006.pt"))  # as if the run had died after step 5
+    shutil.rmtree(os.path.join(resumed, "ckpt_00000006"))  # as if the run had died after step 5
     train.main(run_args(corpus, resumed, ckpt_interval=3, resume="auto"))
     assert losses(straight) == losses(resumed)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "bit_flip", "no_checksum"])
+@pytest.mark.parametrize("damage", ["truncated", "bit_flip", "no_integrity", "unsealed"])
 def test_damaged_checkpoint_falls_back_to_the_previous_one(corpus, tmp_path, capsys, damage):
     out = str(tmp_path)
     train.main(run_args(corpus, out, ckpt_interval=3, keep_last_n=5))
-    newest = os.path.join(out, "ckpt_00000006.pt")
+    newest = os.path.join(out, "ckpt_00000006")
+    data = os.path.join(newest, next(f for f in os.listdir(newest) if f.endswith(".distcp")))
     if damage == "truncated":
-        with open(newest, "r+b") as f:
+        with open(data, "r+b") as f:
             f.truncate(100)
     elif damage == "bit_flip":  # same size, one byte changed in the middle
-        with open(newest, "r+b") as f:
-            f.seek(os.path.getsize(newest) // 2)
+        with open(data, "r+b") as f:
+            f.seek(os.path.getsize(data) // 2)
             byte = f.read(1)
             f.seek(-1, 1)
             f.write(bytes([byte[0] ^ 0x10]))
-    else:  # as if the run died between writing the checkpoint and its checksum
-        os.remove(newest + ".crc")
-    path, ckpt = train.load_checkpoint("auto", out)
-    assert path.endswith("ckpt_00000003.pt") and ckpt["step"] == 3
-    assert "ckpt_00000006.pt cannot be used" in capsys.readouterr().out
+    elif damage == "no_integrity":
+        os.remove(os.path.join(newest, "integrity.json"))
+    else:  # as if the run died before the write was complete: it was never renamed
+        os.rename(newest, newest + ".tmp")
+    path, state = train.find_checkpoint("auto", out, torch.device("cpu"))
+    assert path.endswith("ckpt_00000003") and state["step"] == 3
+    if damage != "unsealed":
+        assert "ckpt_00000006 cannot be used" in capsys.readouterr().out
 
 
 def test_only_the_last_n_checkpoints_are_kept(corpus, tmp_path):
     train.main(run_args(corpus, str(tmp_path), ckpt_interval=1, keep_last_n=2))
-    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("ckpt_")) == [
-        "ckpt_00000005.pt", "ckpt_00000005.pt.crc", "ckpt_00000006.pt", "ckpt_00000006.pt.crc"]
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("ckpt_")) == ["ckpt_00000005", "ckpt_00000006"]
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(corpus, tmp_path):
+    out = str(tmp_path)
+    train.main(run_args(corpus, out, max_steps=2, warmup_steps=1, decay_steps=1, ckpt_interval=1, keep_last_n=5))
+    marker = tmp_path / "ran"
+
+    class Payload:  # unpickling calls os.system, as a downloaded checkpoint could
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+    metadata = os.path.join(out, "ckpt_00000002", ".metadata")
+    with open(metadata, "wb") as f:
+        pickle.dump(Payload(), f)
+    seal = os.path.join(out, "ckpt_00000002", "integrity.json")  # as if the attacker sealed it too
+    files = json.load(open(seal))
+    files[".metadata"] = train.file_crc(metadata)
+    json.dump(files, open(seal, "w"))
+    with pytest.raises(SystemExit, match="could not be loaded"):
+        train.find_checkpoint(os.path.join(out, "ckpt_00000002"), out, torch.device("cpu"))
+    with pytest.raises(SystemExit, match="it would load posix.system"):
+        train.read_model(os.path.join(out, "ckpt_00000002"))
+    assert not marker.exists()
+    # a pickled object stored as a DCP entry: DCP would torch.load it with weights_only=False
+    import torch.distributed.checkpoint as dcp
+    dcp.save({"x": torch.ones(2), "obj": {"a": Payload()}}, checkpoint_id=str(tmp_path / "objects"), no_dist=True)
+    write_seal = {f: train.file_crc(str(tmp_path / "objects" / f)) for f in os.listdir(tmp_path / "objects")}
+    json.dump(write_seal, open(tmp_path / "objects" / "integrity.json", "w"))
+    with pytest.raises(ValueError, match="pickled objects, not tensors: obj.a"):
+        train.check_checkpoint(str(tmp_path / "objects"))
+    assert not marker.exists()
+
+
+def test_every_checkpoint_and_exported_model_loads_without_unpickling(corpus, tmp_path):
+    out = str(tmp_path)
+    train.main(run_args(corpus, out, max_steps=2, warmup_steps=1, decay_steps=1, ckpt_interval=1, keep_last_n=5))
+    for step in (1, 2):
+        train.check_checkpoint(os.path.join(out, f"ckpt_{step:08d}"))  # DCP's metadata, restricted
+    train.export([os.path.join(out, "ckpt_00000002"), str(tmp_path / "model.pt")])
+    blob = torch.load(tmp_path / "model.pt", weights_only=True)
+    config, state = train.read_model(str(tmp_path / "model.pt"))
+    assert config.ffn == "mh_latent_moe" and set(state) == set(blob["model"])
+    with pytest.raises(SystemExit, match="not a model file written by train.py export"):
+        train.read_model(os.path.join(out, "log.jsonl"))
 
 
 def torchrun(nproc, args, timeout=300):
@@ -807,13 +855,33 @@ def test_parallel_training_run_equals_one_rank(corpus, tmp_path, mode):
     np.testing.assert_allclose(losses(two), losses(one), rtol=1e-5)
 
 
-def test_checkpoint_from_two_head_parallel_ranks_resumes_on_one(corpus, tmp_path):
+def test_checkpoints_reshard_from_head_parallel_4_to_2_to_one_process(corpus, tmp_path):
+    # HP over 4 ranks runs 6 steps (checkpoints 2, 4, 6); HP over 2 resumes its step 2 and
+    # one process that one's step 4: every resumed loss equals the straight run's
+    kw = dict(max_steps=6, ckpt_interval=2, keep_last_n=5, **PAR)
+    four, two, one = (str(tmp_path / n) for n in ("four", "two", "one"))
+    torchrun(4, run_args(corpus, four, batch_size=1, parallel="hp", **kw))
+    assert len([f for f in os.listdir(os.path.join(four, "ckpt_00000002")) if f.endswith(".distcp")]) == 4
+
+    def resumable(src, dst, step):  # src's checkpoints up to step, none of its losses
+        os.makedirs(dst)
+        for s in range(2, step + 1, 2):
+            shutil.copytree(os.path.join(src, f"ckpt_{s:08d}"), os.path.join(dst, f"ckpt_{s:08d}"))
+    resumable(four, two, 2)
+    torchrun(2, run_args(corpus, two, batch_size=2, parallel="hp", resume="auto", **kw))
+    resumable(two, one, 4)
+    torchrun(1, run_args(corpus, one, batch_size=4, resume="auto", **kw))
+    np.testing.assert_allclose(losses(two), losses(four)[2:], rtol=1e-5)
+    np.testing.assert_allclose(losses(one), losses(four)[4:], rtol=1e-5)
+
+
+def test_checkpoint_from_two_data_parallel_ranks_resumes_on_one(corpus, tmp_path):
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
-    kw = dict(max_steps=4, ckpt_interval=3, keep_last_n=5, **PAR)
-    torchrun(2, run_args(corpus, two, batch_size=2, parallel="hp", **kw))
+    kw = dict(max_steps=4, ckpt_interval=2, keep_last_n=5)
+    torchrun(2, run_args(corpus, two, batch_size=2, **kw))
     os.makedirs(one)
-    train.main(run_args(corpus, one, batch_size=4, resume=os.path.join(two, "ckpt_00000003.pt"), **kw))
-    np.testing.assert_allclose(losses(one)[-1], losses(two)[-1], rtol=1e-5)
+    train.main(run_args(corpus, one, batch_size=4, resume=os.path.join(two, "ckpt_00000002"), **kw))
+    np.testing.assert_allclose(losses(one)[-2:], losses(two)[-2:], rtol=1e-5)
 
 
 @pytest.mark.parametrize("mode,size,world,kw,words", [
@@ -885,7 +953,8 @@ def test_a_killed_run_resumes_automatically_with_the_same_losses(corpus, tmp_pat
 def test_sigterm_saves_a_checkpoint_and_stops(corpus, tmp_path):
     import signal
     out = str(tmp_path)
-    proc = subprocess.Popen(train_command(run_args(corpus, out, max_steps=200, ckpt_interval=1000)),
+    # a checkpoint every step: the signal finds an asynchronous write in flight
+    proc = subprocess.Popen(train_command(run_args(corpus, out, max_steps=200, ckpt_interval=1)),
                             env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=HERE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     wait_for_step(out, 3, proc)
@@ -893,7 +962,10 @@ def test_sigterm_saves_a_checkpoint_and_stops(corpus, tmp_path):
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "stopped by a signal after step" in output
     step = int(output.split("stopped by a signal after step ")[1].split(";")[0])
-    assert 3 <= step < 200 and os.path.exists(os.path.join(out, f"ckpt_{step:08d}.pt"))
+    assert 3 <= step < 200
+    assert os.listdir(out) and all(not f.endswith(".tmp") for f in os.listdir(out))  # every write finished
+    path, state = train.find_checkpoint("auto", out, torch.device("cpu"))
+    assert path.endswith(f"ckpt_{step:08d}") and state["step"] == step
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(corpus, tmp_path, monkeypatch):
@@ -914,9 +986,9 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(corpus, tmp_path, monke
         train.main(run_args(corpus, out, max_steps=10, ckpt_interval=1, keep_last_n=10, max_bad_steps=2))
     skipped = [json.loads(line)["skipped"] for line in open(os.path.join(out, "log.jsonl")) if "skipped" in line]
     assert skipped == [False, False, True, False, True, True]
-    four, five = (torch.load(os.path.join(out, f"ckpt_{s:08d}.pt"), weights_only=False) for s in (4, 5))
-    assert all(torch.equal(four["model"][k], five["model"][k]) for k in four["model"])  # untouched by step 5
-    assert not os.path.exists(os.path.join(out, "ckpt_00000006.pt"))
+    four, five = (train.read_model(os.path.join(out, f"ckpt_{s:08d}"))[1] for s in (4, 5))
+    assert all(torch.equal(four[k], five[k]) for k in four)  # untouched by step 5
+    assert not os.path.exists(os.path.join(out, "ckpt_00000006"))
 
 
 def test_routing_collapse_is_reported(capsys):

@@ -16,8 +16,12 @@ import glob
 import json
 import math
 import os
+import pickle
+import re
+import shutil
 import signal
 import sys
+import threading
 import time
 import zlib
 from contextlib import nullcontext
@@ -208,6 +212,25 @@ def evaluate(model, stream, n_batches, autocast, device):
     return parallel.mean_over_ranks(total / n_batches).item()
 
 
+# -----------------------------------------------------------------------------
+# Checkpoints: sharded and asynchronous, through torch.distributed.checkpoint (DCP)
+#
+# A checkpoint is a directory ckpt_<step>: DCP's files (each rank writes its own expert
+# shards, the replicated tensors are written once), train.json (step, data position, the
+# run's config) and integrity.json (every file's size and CRC32, which DCP does not keep).
+# It is written as ckpt_<step>.tmp and renamed once complete. Only tensors go through DCP,
+# and DCP's metadata is unpickled here with DCP's own classes alone before DCP reads it,
+# so that a checkpoint from elsewhere cannot run code when it is loaded.
+
+def checkpoint_path(out_dir, step):
+    return os.path.join(out_dir, f"ckpt_{step:08d}")
+
+
+def complete_checkpoints(out_dir):
+    """The complete checkpoints in out_dir, oldest first."""
+    return sorted(p for p in glob.glob(os.path.join(out_dir, "ckpt_*")) if re.fullmatch(r"ckpt_\d{8}", os.path.basename(p)))
+
+
 def file_crc(path):
     crc = 0
     with open(path, "rb") as f:
@@ -216,34 +239,215 @@ def file_crc(path):
     return {"bytes": os.path.getsize(path), "crc32": crc}
 
 
-def save_checkpoint(out_dir, step, state, keep_last_n):
-    """Atomic (temp file + rename) and checksummed: a crash mid-write leaves older checkpoints intact."""
-    path = os.path.join(out_dir, f"ckpt_{step:08d}.pt")
-    torch.save(state, path + ".tmp")
-    with open(path + ".crc.tmp", "w") as f:
-        json.dump(file_crc(path + ".tmp"), f)
-    os.replace(path + ".crc.tmp", path + ".crc")
+def write_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
     os.replace(path + ".tmp", path)
-    for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-keep_last_n]:
-        os.remove(old)
-        os.remove(old + ".crc")
-    return path
 
 
-def load_checkpoint(resume, out_dir):
-    """The checkpoint named by --resume, or with 'auto' the newest one that is intact."""
-    paths = [resume] if resume != "auto" else sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[::-1]
+class Checkpointer:
+    """
+    Writes checkpoints in the background: training waits while the state is copied to
+    (pinned) CPU memory, and that copy overlaps the next step's forward and backward;
+    at most one checkpoint is in flight. Collective: every rank calls every method.
+    """
+
+    def __init__(self, out_dir, keep_last_n, master, device):
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+        self.out_dir, self.keep_last_n, self.master, self.device = out_dir, keep_last_n, master, device
+        # DCP's collectives run in the background on a group of their own, never on NCCL's
+        self.group = torch.distributed.new_group(backend="gloo") if parallel.distributed() else None
+        gpu = device.type == "cuda"
+        self.stager = DefaultStager(StagingOptions(use_pinned_memory=gpu, use_shared_memory=False,
+                                                   use_async_staging=True, use_non_blocking_copy=gpu))
+        self.staging, self.writer, self.errors = None, None, []
+
+    def save(self, step, state, train_state):
+        import torch.distributed.checkpoint as dcp
+        self.wait()
+        start = time.time()
+        path = checkpoint_path(self.out_dir, step)
+        if self.master:
+            shutil.rmtree(path + ".tmp", ignore_errors=True)  # an earlier run's unfinished one
+            os.makedirs(path + ".tmp")
+            write_json(os.path.join(path + ".tmp", "train.json"), train_state)
+        if self.group is not None:
+            torch.distributed.barrier(group=self.group)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the staging copies run on a stream of their own
+        response = dcp.async_save(state, checkpoint_id=path + ".tmp", process_group=self.group,
+                                  async_stager=self.stager, no_dist=self.group is None)
+        self.staging, self.waited = response.staging_completion, time.time() - start
+        self.writer = threading.Thread(target=self.finish, args=(response.upload_completion, path, start))
+        self.writer.start()
+
+    def finish(self, upload, path, start):
+        """
+        In the background: once every rank's files and DCP's metadata are written, each rank
+        checksums the files it wrote (DCP names them __<rank>_<i>.distcp) and rank 0 seals it.
+        """
+        import torch.distributed as dist
+        try:
+            upload.result()
+            tmp = path + ".tmp"
+            rank, world = (dist.get_rank(), dist.get_world_size()) if self.group is not None else (0, 1)
+            mine = {f: file_crc(os.path.join(tmp, f)) for f in os.listdir(tmp) if f.startswith(f"__{rank}_")}
+            parts = [None] * world if self.master else None
+            if self.group is not None:
+                dist.gather_object(mine, parts, dst=0, group=self.group)
+            else:
+                parts = [mine]
+            if self.master:
+                sums = {f: crc for part in parts for f, crc in part.items()}
+                sums |= {f: file_crc(os.path.join(tmp, f)) for f in os.listdir(tmp) if f not in sums}  # metadata, train.json
+                write_json(os.path.join(tmp, "integrity.json"), sums)
+                os.replace(tmp, path)
+                for old in complete_checkpoints(self.out_dir)[:-self.keep_last_n]:
+                    shutil.rmtree(old)
+                print(f"checkpoint {path}: {len(sums)} files, {sum(v['bytes'] for v in sums.values()) / 2 ** 30:.2f} "
+                      f"GiB, complete {time.time() - start:.1f} s after it began", flush=True)
+        except Exception as e:  # raised on the main thread by wait()
+            self.errors.append(e)
+
+    def wait_staged(self):
+        """Call before the weights change: the copy being written must not see the next update."""
+        if self.staging is not None:
+            start = time.time()
+            self.staging.result()
+            self.staging = None
+            if self.master:
+                print(f"checkpoint: training waited {self.waited + time.time() - start:.2f} s for its copy "
+                      f"to CPU memory", flush=True)
+
+    def wait(self):
+        """Blocks until the checkpoint in flight is complete (a SIGTERM'd run waits here too)."""
+        self.wait_staged()
+        if self.writer is not None:
+            self.writer.join()
+            self.writer = None
+        if self.errors:
+            raise SystemExit(f"train.py: writing a checkpoint failed: {self.errors.pop()}")
+
+
+DCP_CLASSES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+               ("pathlib", "WindowsPath"), ("collections", "OrderedDict"),
+               ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's metadata with DCP's metadata classes, torch dtypes and sizes alone."""
+
+    def find_class(self, module, name):
+        if ((module, name) in DCP_CLASSES or module == "torch.distributed.checkpoint.metadata"
+                or module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it would load {module}.{name}, which a checkpoint never holds")
+
+
+def check_checkpoint(path, rank=0, world=1):
+    """
+    Raises ValueError if the checkpoint is incomplete, damaged or holds anything but tensors.
+    Of the files' checksums this rank checks every world-th, from its rank on.
+    """
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    with open(os.path.join(path, "integrity.json")) as f:
+        files = json.load(f)
+    for name, want in sorted(files.items())[rank::world]:
+        if not os.path.exists(os.path.join(path, name)):
+            raise ValueError(f"{name} is missing")
+        if file_crc(os.path.join(path, name)) != want:
+            raise ValueError(f"{name}: size or checksum differs from the one written with it")
+    with open(os.path.join(path, ".metadata"), "rb") as f:
+        try:
+            metadata = MetadataUnpickler(f).load()
+        except Exception as e:
+            raise ValueError(f"its DCP metadata is refused: {e}") from None
+    objects = [k for k, v in metadata.state_dict_metadata.items() if not isinstance(v, TensorStorageMetadata)]
+    if objects:  # DCP unpickles non-tensor entries with weights_only=False
+        raise ValueError(f"it holds pickled objects, not tensors: {', '.join(objects[:3])}")
+
+
+def find_checkpoint(resume, out_dir, device):
+    """
+    (path, train state) of the checkpoint named by --resume, or with 'auto' of the newest
+    complete and intact one in out_dir; the ranks share the checking (collective).
+    """
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if parallel.distributed() else (0, 1)
+    paths = [resume.rstrip("/")] if resume != "auto" else complete_checkpoints(out_dir)[::-1]
     for path in paths:
         try:
-            with open(path + ".crc") as f:
-                if json.load(f) != file_crc(path):
-                    raise ValueError("size or checksum differs from the one written with it")
-            return path, torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # a damaged file: report it and fall back to an older one
+            check_checkpoint(path, rank, world)
+            with open(os.path.join(path, "train.json")) as f:
+                train_state = json.load(f)
+            ok = 1.0
+        except (OSError, ValueError) as e:  # a damaged one: report it and fall back to an older one
             print(f"checkpoint {path} cannot be used ({type(e).__name__}: {e}); trying an older one")
+            ok = 0.0
+        if parallel.mean_over_ranks(torch.tensor(ok, device=device)).item() == 1.0:
+            return path, train_state
     if resume != "auto":
-        raise SystemExit(f"train.py: --resume={resume!r} could not be loaded")
+        raise SystemExit(f"train.py: --resume={resume!r} could not be loaded; give a complete checkpoint "
+                         f"directory (ckpt_<step>) or --resume=auto")
     return None, None
+
+
+def load_checkpoint(path, state):
+    """Fills state (this layout's tensors, sharded_state) from the checkpoint, resharding as needed."""
+    import torch.distributed.checkpoint as dcp
+    dcp.load(state, checkpoint_id=path, no_dist=not parallel.distributed())
+
+
+def read_model(path):
+    """
+    (GPTConfig, the whole model's state dict on the CPU) from a checkpoint directory, in one
+    process whatever layout wrote it, or from a file written by `train.py export`; neither
+    unpickles anything.
+    """
+    if not os.path.isdir(path):
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise SystemExit(f"train.py: {path} is not a model file written by train.py export "
+                             f"({type(e).__name__}: {e})") from None
+        return GPTConfig(**blob["config"]), blob["model"]
+    import torch.distributed.checkpoint as dcp
+    try:
+        check_checkpoint(path)
+        with open(os.path.join(path, "train.json")) as f:
+            config = GPTConfig(**json.load(f)["config"]["model"])
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"train.py: checkpoint {path} cannot be used ({type(e).__name__}: {e})") from None
+    with torch.device("meta"):
+        shapes = GPT(config).state_dict()
+    state = {name: torch.empty(t.shape, dtype=t.dtype) for name, t in shapes.items()}
+    dcp.load({"model": state}, checkpoint_id=path, no_dist=True)
+    return config, state
+
+
+def export(argv):
+    """python train.py export CKPT_DIR OUT.pt: the model alone, one file, for sampling and evaluation."""
+    if len(argv) != 2:
+        raise SystemExit("usage: python train.py export out/run/ckpt_00001000 model.pt")
+    config, state = read_model(argv[0])
+    torch.save({"config": dataclasses.asdict(config), "model": state}, argv[1] + ".tmp")
+    os.replace(argv[1] + ".tmp", argv[1])
+    print(f"{argv[1]}: {sum(t.numel() for n, t in state.items() if n != 'lm_head.weight') / 1e6:.1f}M parameters "
+          f"of {config.ffn}; load it with torch.load(..., weights_only=True)")
+
+
+@torch.no_grad()
+def create_optimizer_state(model, optimizer):
+    """AdamW makes its state at its first step; a resumed run needs it to load into: one
+    step of zero gradients at lr 0, which leaves every weight as it is."""
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
 
 
 BALANCE_RATE = 0.05  # the first balancing step's u, decaying linearly to 0
@@ -315,6 +519,7 @@ def main(argv, on_step=None):
         torch.cuda.reset_peak_memory_stats(device)
     optimizer = model.configure_optimizer(a["weight_decay"], a["lr"], (a["beta1"], a["beta2"]),
                                           fused=device.type == "cuda")
+    create_optimizer_state(model, optimizer)  # from the start, so that every checkpoint holds it
     train_data = TokenStream(a["data_dir"], "train", a["batch_size"], config.block_size, rank, world,
                              config.vocab_size)
     val_data = TokenStream(a["data_dir"], "val", a["batch_size"], config.block_size, rank, world,
@@ -324,16 +529,20 @@ def main(argv, on_step=None):
     run_config = {"train": a, "model": dataclasses.asdict(config), "world_size": world,
                   "device": f"{gpu} | torch {torch.__version__}"}
 
+    mesh = parallel.checkpoint_mesh(layout, world, device)
     step = 0
     if a["resume"]:
-        path, ckpt = load_checkpoint(a["resume"], a["out_dir"])
-        if ckpt is not None:
-            parallel.load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"], layout)
-            train_data.load_state_dict(ckpt["data"])
-            torch.set_rng_state(ckpt["rng"])
-            step = ckpt["step"]
+        t_load = time.time()
+        path, train_state = find_checkpoint(a["resume"], a["out_dir"], device)
+        if path is not None:
+            rng = torch.get_rng_state()
+            load_checkpoint(path, {**parallel.sharded_state(model, optimizer, mesh), "rng": rng})
+            torch.set_rng_state(rng)
+            train_data.load_state_dict(train_state["data"])
+            step = train_state["step"]
             if master:
-                print(f"resumed from {path} at step {step}")
+                print(f"resumed from {path} at step {step} ({time.time() - t_load:.1f} s to check and load it)")
+    checkpointer = Checkpointer(a["out_dir"], a["keep_last_n"], master, device)
     if master:
         os.makedirs(a["out_dir"], exist_ok=True)
         print(json.dumps(run_config))
@@ -361,11 +570,8 @@ def main(argv, on_step=None):
             log.write(json.dumps({"step": step, "val_loss": val}) + "\n")
 
     def checkpoint(step):
-        model_state, opt_state = parallel.full_state(model, optimizer, layout)  # gathered: loads at any P
-        state = {"model": model_state, "optimizer": opt_state, "step": step,
-                 "data": train_data.state_dict(), "rng": torch.get_rng_state(), "config": run_config}
-        if master:
-            save_checkpoint(a["out_dir"], step, state, a["keep_last_n"])
+        state = {**parallel.sharded_state(model, optimizer, mesh), "rng": torch.get_rng_state()}
+        checkpointer.save(step, state, {"step": step, "data": train_data.state_dict(), "config": run_config})
 
     interrupted = []  # SIGTERM / SIGINT: finish the step, save, stop
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -394,6 +600,7 @@ def main(argv, on_step=None):
         loss, stop = parallel.mean_over_ranks(
             torch.stack([loss_sum / accum, torch.tensor(float(bool(interrupted)), device=device)])).tolist()
         finite = math.isfinite(loss) and math.isfinite(norm)
+        checkpointer.wait_staged()  # the last checkpoint's copy is taken before the weights change
         if finite:
             optimizer.step()
             bad_steps = 0
@@ -427,6 +634,7 @@ def main(argv, on_step=None):
                                   "skipped": not finite, "load_max_over_mean": load, "step_ms": step_ms,
                                   "peak_gib": peak}) + "\n")
         if bad_steps >= a["max_bad_steps"]:
+            checkpointer.wait()
             raise SystemExit(f"train.py: {bad_steps} non-finite steps in a row, the last at step {step}; "
                              f"stopping with the last checkpoint intact. Lower --lr or check the data, "
                              f"then resume from that checkpoint")
@@ -435,13 +643,18 @@ def main(argv, on_step=None):
         if stop or a["ckpt_interval"] and (step % a["ckpt_interval"] == 0 or step == a["max_steps"]):
             checkpoint(step)
         if stop:
+            checkpointer.wait()
             if master:
                 print(f"stopped by a signal after step {step}; checkpoint saved, --resume=auto continues")
             parallel.shutdown()
             return
     validate(step)
+    checkpointer.wait()
     parallel.shutdown()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1:2] == ["export"]:
+        export(sys.argv[2:])
+    else:
+        main(sys.argv[1:])
