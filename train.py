@@ -247,24 +247,25 @@ def write_json(path, obj):
 
 class Checkpointer:
     """
-    Writes checkpoints in the background: training waits while the state is copied to
-    (pinned) CPU memory, and that copy overlaps the next step's forward and backward;
-    at most one checkpoint is in flight. Collective: every rank calls every method.
+    Writes checkpoints in the background: the state's copy to CPU memory overlaps the next
+    step's forward and backward, and its optimizer step waits for it; at most one
+    checkpoint is in flight. Collective: every rank calls every method.
     """
 
     def __init__(self, out_dir, keep_last_n, master, device):
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
         self.out_dir, self.keep_last_n, self.master, self.device = out_dir, keep_last_n, master, device
         # DCP's collectives run in the background on a group of their own, never on NCCL's
         self.group = torch.distributed.new_group(backend="gloo") if parallel.distributed() else None
-        gpu = device.type == "cuda"
-        self.stager = DefaultStager(StagingOptions(use_pinned_memory=gpu, use_shared_memory=False,
-                                                   use_async_staging=True, use_non_blocking_copy=gpu))
         self.staging, self.writer, self.errors = None, None, []
 
     def save(self, step, state, train_state):
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
         self.wait()
+        # a stager of its own each time: DCP closes it after the write (torch 2.11 then fails
+        # a second one), and pageable memory: pinning 12 GiB a rank at 4B stalled the step 8 s
+        stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
+                                              use_async_staging=True, use_non_blocking_copy=False))
         start = time.time()
         path = checkpoint_path(self.out_dir, step)
         if self.master:
@@ -276,7 +277,7 @@ class Checkpointer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the staging copies run on a stream of their own
         response = dcp.async_save(state, checkpoint_id=path + ".tmp", process_group=self.group,
-                                  async_stager=self.stager, no_dist=self.group is None)
+                                  async_stager=stager, no_dist=self.group is None)
         self.staging, self.waited = response.staging_completion, time.time() - start
         self.writer = threading.Thread(target=self.finish, args=(response.upload_completion, path, start))
         self.writer.start()
