@@ -10,12 +10,14 @@ worker processes and followed by <|endoftext|>. Documents go to the train or
 the validation split (a fixed fraction, by document). A shard is a 32-byte
 header (magic, version, token count, 0 as int64) then uint16 tokens. An
 interrupted run picks up after its last written shard when run again;
---max_docs=N stops after N documents, and a later run with a larger N (or none)
-carries on. --shuffle_seed=S shuffles the documents of a builtin or local source
+--max_docs=N stops after N documents and writes what it has as shards to use,
+and a later run with a larger N (or none) rewrites those last shards and carries
+on, ending with the shards of an uninterrupted run. --shuffle_seed=S shuffles the documents of a builtin or local source
 first (they often come ordered by source); -1 keeps their order.
 """
 
 import glob
+import itertools
 import json
 import os
 import random
@@ -107,10 +109,25 @@ def json_text(record, where):
     return record["text"]
 
 
+FINEWEB = dict(path="HuggingFaceFW/fineweb-edu", name="sample-10BT")
+
+
 def fineweb_docs(skip):
+    """FineWeb-Edu's sample streamed from the Hugging Face hub, after its first `skip`
+    documents, and how many documents it holds if the hub says (else None)."""
     from datasets import load_dataset
-    ds = load_dataset("HuggingFaceFW/fineweb-edu", name="sample-10BT", split="train", streaming=True)
-    return (row["text"] for row in ds.skip(skip))
+    try:
+        ds = load_dataset(**FINEWEB, split="train", streaming=True)
+        rows = iter(ds.skip(skip))
+        first = next(rows, None)  # the hub is reached by here at the latest
+    except OSError as e:  # ConnectionError without network; DatasetNotFoundError is a FileNotFoundError
+        sys.exit(f"prepare.py: cannot stream {FINEWEB['path']} ({FINEWEB['name']}) from the Hugging Face hub "
+                 f"({type(e).__name__}: {e}); without network, give local files instead: "
+                 f"--source='dir/*.jsonl' (or .parquet, .txt), or --source=builtin")
+    splits = ds.info.splits
+    total = splits["train"].num_examples if splits and "train" in splits else None
+    docs = itertools.chain([] if first is None else [first], rows)
+    return (row["text"] for row in docs), total
 
 
 # -----------------------------------------------------------------------------
@@ -142,33 +159,55 @@ def prepare(source="fineweb", out_dir=None, val_fraction=0.005, shard_tokens=100
         if state["done"]:
             print(f"{out_dir} is complete already ({state['train_tokens']:,} train tokens); nothing to do")
             return state
+        for name in state.pop("partial", []):  # a stopped run's last shards, rewritten whole below
+            os.remove(os.path.join(out_dir, name))
         print(f"resuming after {state['docs']:,} documents")
     if source == "fineweb":
         if shuffle_seed >= 0:
             sys.exit("prepare.py: --shuffle_seed applies to builtin and local sources; FineWeb-Edu's "
                      "sample is shuffled already")
-        docs = fineweb_docs(state["docs"])
+        docs, total = fineweb_docs(state["docs"])
     else:
         docs = builtin_docs() if source == "builtin" else local_docs(source)
         if shuffle_seed >= 0:  # local files often come ordered by source; the train stream should not be
             docs = list(docs)  # the whole corpus in memory; the same seed gives the same order on resume
             random.Random(shuffle_seed).shuffle(docs)
+        total = len(docs) if isinstance(docs, list) else None
         docs = (d for i, d in enumerate(docs) if i >= state["docs"])
 
     buffers = {"train": [], "val": []}
 
-    def flush():
+    committed = dict(state)  # the progress at the last whole shard
+
+    def flush(partial=False):
+        """Writes the buffered documents as shards. partial: a run stopped before the end; its
+        shards are there to use, but the progress saved stays at the last whole shard, so
+        that a later run rewrites them and ends with the shards of an uninterrupted run."""
+        nonlocal committed
+        names = []
         for split in ("train", "val"):
             if buffers[split]:
-                n = state[f"{split}_shards"]
-                write_shard(os.path.join(out_dir, f"{split}_{n:06d}.bin"), np.concatenate(buffers[split]))
+                names.append(f"{split}_{state[f'{split}_shards']:06d}.bin")
+                write_shard(os.path.join(out_dir, names[-1]), np.concatenate(buffers[split]))
                 state[f"{split}_shards"] += 1
                 buffers[split] = []
+        if not partial:
+            committed = dict(state)
         with open(state_path + ".tmp", "w") as f:
-            json.dump(state, f)
+            json.dump(dict(committed, partial=names) if partial else committed, f)
         os.replace(state_path + ".tmp", state_path)
 
-    t0, pending, finished = time.time(), 0, True
+    t0, start_docs, pending, finished = time.time(), state["docs"], 0, True
+
+    def progress():
+        tokens, elapsed = state["train_tokens"] + state["val_tokens"], max(time.time() - t0, 1e-9)
+        done = state["docs"] - start_docs
+        text = f"{state['docs']:,} docs, {tokens:,} tokens, {tokens / elapsed:,.0f} tok/s"
+        if total and done:
+            left = (total - state["docs"]) * elapsed / done
+            text += f", {100 * state['docs'] / total:.0f}% of {total:,} docs, ~{left / 60:.0f} min left"
+        print(f"\r{text}", end="", flush=True)
+
     with Pool(workers or os.cpu_count()) as pool:
         for tokens in pool.imap(tokenize, docs, chunksize=16):
             if max_docs and state["docs"] >= max_docs:
@@ -183,14 +222,13 @@ def prepare(source="fineweb", out_dir=None, val_fraction=0.005, shard_tokens=100
                 flush()  # progress is saved only at shard boundaries
                 pending = 0
             if state["docs"] % 1000 == 0:
-                rate = (state["train_tokens"] + state["val_tokens"]) / (time.time() - t0)
-                print(f"\r{state['docs']:,} docs, {state['train_tokens']:,} train + "
-                      f"{state['val_tokens']:,} val tokens, {rate:,.0f} tok/s", end="", flush=True)
+                progress()
+    progress()
     if finished and (state["train_tokens"] == 0 or state["val_tokens"] == 0):
         sys.exit(f"prepare.py: {state['docs']} documents gave {state['train_tokens']} train and "
                  f"{state['val_tokens']} val tokens; give more documents or change --val_fraction")
     state["done"] = finished
-    flush()
+    flush(partial=not finished)
     print(f"\n{out_dir}: {state['docs']:,} documents, {state['train_tokens']:,} train tokens in "
           f"{state['train_shards']} shards, {state['val_tokens']:,} val tokens in {state['val_shards']}"
           + ("" if finished else f" (stopped at --max_docs={max_docs}; run again to continue)"))

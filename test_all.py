@@ -279,6 +279,54 @@ def test_prepare_carries_on_where_a_stopped_run_ended(tmp_path):
         assert np.array_equal(split_tokens(full, split), split_tokens(part, split))
 
 
+def test_prepare_streams_fineweb_through_datasets_and_resumes(tmp_path, monkeypatch, capsys):
+    # the hub is unreachable here: the same datasets streaming path reads a local stand-in
+    import datasets
+    texts = [f"fineweb document {i} " * (5 + i % 11) for i in range(60)]
+    src = tmp_path / "fineweb.jsonl"
+    src.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    load = datasets.load_dataset
+
+    def hub(path, name=None, split=None, streaming=False):  # only the hub lookup is replaced
+        assert (path, name, split, streaming) == ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)
+        stream = load("json", data_files=str(src), split="train", streaming=True)
+        assert isinstance(stream, datasets.IterableDataset)
+        return stream
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    prepare.prepare("fineweb", full, val_fraction=0.2, shard_tokens=300, workers=1)
+    enc = prepare.encoder()
+    for split, want_val in (("train", False), ("val", True)):
+        want = np.concatenate([enc.encode_ordinary(t) + [prepare.EOT] for i, t in enumerate(texts)
+                               if prepare.is_val(i, 0.2) == want_val])
+        assert np.array_equal(split_tokens(full, split), want)
+    assert "60 docs" in capsys.readouterr().out  # the progress line
+    assert prepare.prepare("fineweb", part, val_fraction=0.2, shard_tokens=300, workers=1,
+                           max_docs=25)["done"] is False
+    assert prepare.prepare("fineweb", part, val_fraction=0.2, shard_tokens=300, workers=1)["done"] is True
+    assert sorted(os.listdir(part)) == sorted(os.listdir(full))
+    for name in os.listdir(full):  # shard for shard, as an uninterrupted run
+        if name.endswith(".bin"):
+            assert np.array_equal(prepare.open_shard(os.path.join(part, name)), prepare.open_shard(os.path.join(full, name)))
+
+
+def test_prepare_without_network_names_the_local_alternative(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(HERE, "prepare.py"), f"--out_dir={tmp_path}"],
+                            capture_output=True, text=True, timeout=120, cwd=HERE,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))  # what no network looks like, at once
+    assert result.returncode != 0
+    for words in ("cannot stream HuggingFaceFW/fineweb-edu", "Couldn't reach", "--source='dir/*.jsonl'"):
+        assert words in result.stderr
+
+
+def test_prepare_progress_estimates_the_time_left_when_the_size_is_known(tmp_path, capsys):
+    prepare.prepare("builtin", str(tmp_path), val_fraction=0.1, workers=1)
+    line = capsys.readouterr().out.split("\r")[-1]
+    n = len(prepare.builtin_docs())
+    for words in (f"{n} docs", "tokens", "tok/s", f"100% of {n} docs", "min left"):
+        assert words in line
+
+
 def test_loader_ranks_read_disjoint_slices_of_one_stream(corpus):
     one = train.TokenStream(corpus, "train", 4, 32, rank=0, world=1)
     two = [train.TokenStream(corpus, "train", 2, 32, rank=r, world=2) for r in range(2)]
@@ -326,6 +374,17 @@ def test_bad_shard_is_named(tmp_path, case, words):
     assert str(tmp_path) in str(e.value)
     for w in words:
         assert w in str(e.value)
+
+
+def test_the_validation_split_is_demanded_only_when_validation_runs(tmp_path):
+    # a train split for many steps and a validation split shorter than one step
+    write_raw(tmp_path / "train_000000.bin", [prepare.MAGIC, 1, 5000, 0], np.arange(5000) % 50000)
+    write_raw(tmp_path / "val_000000.bin", [prepare.MAGIC, 1, 100, 0], np.arange(100))
+    args = run_args(str(tmp_path), str(tmp_path / "out"), max_steps=4, eval_interval=0)
+    train.main(args)  # no validation: the short split is never read
+    assert len(losses(str(tmp_path / "out"))) == 4
+    with pytest.raises(SystemExit, match="has 100 val tokens, fewer than one step"):
+        train.main(run_args(str(tmp_path), str(tmp_path / "out2"), max_steps=4, eval_interval=2))
 
 
 def test_missing_data_dir_is_named(tmp_path):

@@ -525,9 +525,11 @@ def main(argv, on_step=None):
     create_optimizer_state(model, optimizer)  # from the start, so that every checkpoint holds it
     train_data = TokenStream(a["data_dir"], "train", a["batch_size"], config.block_size, rank, world,
                              config.vocab_size)
-    val_data = TokenStream(a["data_dir"], "val", a["batch_size"], config.block_size, rank, world,
-                           config.vocab_size)
-    val_batches = min(a["eval_tokens"], int(val_data.ends[-1]) - 1) // steps_tokens
+    val_data = val_batches = None  # the validation split is read, and checked, only if validation runs
+    if a["eval_interval"]:
+        val_data = TokenStream(a["data_dir"], "val", a["batch_size"], config.block_size, rank, world,
+                               config.vocab_size)
+        val_batches = min(a["eval_tokens"], int(val_data.ends[-1]) - 1) // steps_tokens
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     run_config = {"train": a, "model": dataclasses.asdict(config), "world_size": world,
                   "device": f"{gpu} | torch {torch.__version__}"}
@@ -554,7 +556,7 @@ def main(argv, on_step=None):
         print(f"parameters: {active / 1e6:.1f}M active / {total / 1e6:.1f}M total | world {world} | "
               f"{layout.mode} over {layout.size} rank(s) | "
               f"{accum} micro-batches of {a['batch_size']}x{config.block_size} per rank per step | "
-              f"validation on {val_batches * steps_tokens:,} tokens")
+              + (f"validation on {val_batches * steps_tokens:,} tokens" if val_data else "no validation"))
     forward = torch.compile(model) if a["compile"] else model
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     if a["balance_steps"] and step == 0 and model.routed_experts():
@@ -565,7 +567,7 @@ def main(argv, on_step=None):
     log = open(os.path.join(a["out_dir"], "log.jsonl"), "a", buffering=1) if master else None
 
     def validate(step):
-        if not val_batches or not a["eval_interval"]:
+        if not val_batches:
             return
         val = evaluate(forward, val_data, val_batches, autocast, device)
         if master:
