@@ -8,6 +8,7 @@ The paper's per-component benchmarks (Sec. 4.2), on one GPU.
   python bench.py e2e --preset=mh_2b [train.py options]   # Table 1: training throughput (torchrun for more GPUs)
       [--bench_warmup=3 --bench_steps=10 --bench_balance=20]  # 0 balancing steps: the initialised routing
   python bench.py quality out/run1 out/run2 ...            # Table 1 at reduced scale: val loss of finished runs
+  python bench.py zeroshot out/run [--tasks=...]           # Table 1's zero-shot accuracy under lm-eval
 
 Each prints a markdown table and writes bench_results/<name>.json, .md and .png.
 Times are medians of CUDA-event timings after warm-up (triton.testing.do_bench);
@@ -467,11 +468,112 @@ def bench_quality(run_dirs):
                              "tokens/s"], plot, device=", ".join(devices))
 
 
+# -----------------------------------------------------------------------------
+# Table 1's zero-shot accuracy: our checkpoints through lm-eval-harness
+
+def zeroshot_lm(model, batch_size=16):
+    """
+    Our GPT as an lm-eval LM: loglikelihood (batched), loglikelihood_rolling (lm-eval's
+    own rolling windows) and generate_until (greedy). Text is GPT-2 tokens; an empty
+    context is the end-of-text token, as between documents in training.
+    """
+    from lm_eval.api.model import LM
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    import prepare
+    enc, device, block = prepare.encoder(), next(model.parameters()).device, model.config.block_size
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+
+    @torch.no_grad()
+    def score(pairs):
+        """(sum of log p(continuation | context), whether greedy decoding gives it) per (context, continuation)."""
+        out = [None] * len(pairs)
+        order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+        for b in range(0, len(order), batch_size):
+            batch = order[b:b + batch_size]
+            seqs = [(pairs[i][0] + pairs[i][1])[-(block + 1):] for i in batch]
+            width = max(len(q) for q in seqs) - 1
+            x = torch.tensor([q[:-1] + [prepare.EOT] * (width - len(q) + 1) for q in seqs], device=device)
+            with autocast:
+                logp = torch.log_softmax(model(x)[0].float(), dim=-1)
+            for row, i in enumerate(batch):
+                cont, n = pairs[i][1], len(seqs[row]) - 1   # the last len(cont) predictions score it
+                target = torch.tensor(cont, device=device)
+                lp = logp[row, n - len(cont):n]
+                out[i] = (lp.gather(-1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all()))
+        return out
+
+    def split(context, continuation):
+        # a context's trailing spaces belong to the continuation's first token, as GPT-2 tokenizes
+        spaces = len(context) - len(context.rstrip(" "))
+        context, continuation = context[:len(context) - spaces], context[len(context) - spaces:] + continuation
+        whole, ctx = enc.encode_ordinary(context + continuation), enc.encode_ordinary(context)
+        return ctx or [prepare.EOT], whole[len(ctx):]
+
+    class GPTLM(LM):
+        def loglikelihood(self, requests):
+            return score([split(*r.args) for r in requests])
+
+        def loglikelihood_rolling(self, requests):
+            totals = []
+            for r in requests:
+                windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                    enc.encode_ordinary(r.args[0]), prefix_token=prepare.EOT, max_seq_len=block, context_len=1)]
+                totals.append(sum(lp for lp, _ in score(windows)))
+            return totals
+
+        def generate_until(self, requests):
+            texts = []
+            for r in requests:
+                context, kwargs = r.args
+                prompt = torch.tensor([enc.encode_ordinary(context)[-block:] or [prepare.EOT]], device=device)
+                with autocast:
+                    out = model.generate(prompt, kwargs.get("max_gen_toks", 256), temperature=0)
+                text = enc.decode([t for t in out[0, prompt.size(1):].tolist() if t < enc.n_vocab])
+                for stop in kwargs.get("until", []):
+                    text = text.split(stop)[0]
+                texts.append(text)
+            return texts
+
+    return GPTLM()
+
+
+ZEROSHOT = dict(tasks="hellaswag,piqa,lambada_openai,arc_easy,arc_challenge", limit=0, batch_size=16,
+                include_path="", device="auto")
+
+
+def bench_zeroshot(argv):
+    """
+    python bench.py zeroshot CKPT_OR_OUT_DIR [--tasks=...] [--limit=N] [--include_path=DIR]: zero-shot
+    accuracy under lm-eval (the paper's five tasks by default; they download from the Hugging
+    Face hub), one row per model, accuracy normalised by length where the task has it.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    import train
+    if not argv or argv[0].startswith("--"):
+        sys.exit("usage: python bench.py zeroshot out/run [--tasks=hellaswag,piqa,...] [--limit=N] [--include_path=DIR]")
+    o = train.parse_options(argv[1:], ZEROSHOT, "zeroshot")
+    device = "cuda" if o["device"] == "auto" and torch.cuda.is_available() else "cpu" if o["device"] == "auto" else o["device"]
+    model = train.load_model(argv[0], device)
+    tasks = o["tasks"].split(",")
+    manager = TaskManager(include_path=o["include_path"] or None)
+    results = simple_evaluate(model=zeroshot_lm(model, o["batch_size"]), tasks=tasks, task_manager=manager,
+                                      limit=o["limit"] or None, log_samples=False)["results"]
+    row = {"model": argv[0]}
+    for task in tasks:
+        metrics = results[task]
+        row[task] = metrics.get("acc_norm,none", metrics.get("acc,none"))
+    row["average"] = sum(row[t] for t in tasks) / len(tasks)
+    report("zeroshot", [row], ["model"] + tasks + ["average"], lambda rows, path: None)
+    return row
+
+
 BENCHES = {"router": bench_router, "experts": bench_experts, "a2a": bench_a2a}
 
 if __name__ == "__main__":
-    if sys.argv[1:2] in (["e2e"], ["quality"]):
-        {"e2e": bench_e2e, "quality": bench_quality}[sys.argv[1]](sys.argv[2:])
+    if sys.argv[1:2] in (["e2e"], ["quality"], ["zeroshot"]):
+        commands = {"e2e": bench_e2e, "quality": bench_quality, "zeroshot": bench_zeroshot}
+        parallel.errors_once(commands[sys.argv[1]], sys.argv[2:])
         sys.exit()
     names = sys.argv[1:] or ["all"]
     for name in ([n for n in BENCHES if n != "a2a"] if names == ["all"] else names):

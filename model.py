@@ -164,13 +164,33 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.c_proj.weight.is_output_projection = True
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache=None):
+        """cache: this layer's KVCache entry when generating: the keys and values of the earlier
+        positions; then x is the whole prompt (from position 0) or one new token."""
         B, T, C = x.size()
+        start = cache.length if cache is not None else 0
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        q, k = apply_rotary(q, cos[:T], sin[:T]), apply_rotary(k, cos[:T], sin[:T])
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, n_head, T, head_dim)
+        rope = slice(start, start + T)
+        q, k = apply_rotary(q, cos[rope], sin[rope]), apply_rotary(k, cos[rope], sin[rope])
+        if cache is not None:
+            k, v = cache.append(self, k, v)  # (B, n_head, start + T, head_dim)
+        # causal within a prompt; a single new token attends to every cached position
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0)  # (B, n_head, T, head_dim)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class KVCache:
+    """The keys and values of every attention layer for the positions generated so far."""
+
+    def __init__(self):
+        self.length, self.kv = 0, {}
+
+    def append(self, layer, k, v):
+        if layer in self.kv:
+            k, v = (torch.cat((old, new), dim=2) for old, new in zip(self.kv[layer], (k, v)))
+        self.kv[layer] = (k, v)
+        return k, v
 
 
 # -----------------------------------------------------------------------------
@@ -335,8 +355,8 @@ class Block(nn.Module):
         ffn = config.ffn if layer >= config.n_dense_layers else "mlp"
         self.ffn = FFN_CLASSES[ffn](config)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.ln_1(x), cos, sin)
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.attn(self.ln_1(x), cos, sin, cache)
         return x + self.ffn(self.ln_2(x))
 
 
@@ -364,18 +384,51 @@ class GPT(nn.Module):
                 std = out_std if getattr(p, "is_output_projection", False) else 0.02
                 nn.init.normal_(p, mean=0.0, std=std)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None):
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
+        end = T + (cache.length if cache is not None else 0)
+        if end > self.config.block_size:
+            raise ValueError(f"sequence length {end} exceeds block_size={self.config.block_size}")
         x = self.wte(idx)
         for block in self.blocks:
-            x = block(x, self.rope_cos, self.rope_sin)
+            x = block(x, self.rope_cos, self.rope_sin, cache)
+        if cache is not None:
+            cache.length = end
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+        """
+        Continues idx (B, T) by max_new_tokens tokens, sampled at the temperature from the
+        top_k most likely (temperature 0: greedy). Routing uses the scores plus the bias, as
+        in training, and counts no load (eval mode). With use_cache the prompt runs once and
+        each new token attends to the cached keys and values; when the context is full the
+        cache restarts from the last block_size // 2 tokens. Without it every step reruns the
+        last block_size tokens (nanoGPT's way).
+        """
+        was_training = self.training
+        self.eval()
+        cache, fed = KVCache() if use_cache else None, idx
+        for _ in range(max_new_tokens):
+            if use_cache and cache.length + fed.size(1) > self.config.block_size:
+                cache, fed = KVCache(), idx[:, -(self.config.block_size // 2):]
+            context = fed if use_cache else idx[:, -self.config.block_size:]
+            logits = self(context, cache=cache)[0][:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1)
+            idx, fed = torch.cat((idx, nxt), dim=1), nxt
+        self.train(was_training)
+        return idx
 
     def routed_experts(self):
         return [m for m in self.modules() if isinstance(m, RoutedExperts)]

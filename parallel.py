@@ -19,6 +19,7 @@ process everything here is a no-op.
 """
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,21 @@ def init_distributed(device="auto"):
         device = f"cuda:{local_rank}"
     dist.init_process_group(backend)
     return rank, world, torch.device(device)
+
+
+def errors_once(fn, *args):
+    """
+    Runs fn(*args). Under torchrun a configuration or data error is met by every rank alike:
+    a rank other than 0 waits a moment before it says its error, since torchrun stops every
+    rank once one has failed, so the error is printed once, by rank 0, while an error that
+    only another rank meets is still printed, by it.
+    """
+    try:
+        return fn(*args)
+    except SystemExit as e:
+        if isinstance(e.code, str) and int(os.environ.get("RANK", "0")) > 0:
+            time.sleep(5)
+        raise
 
 
 def distributed():

@@ -959,6 +959,15 @@ def test_bad_parallel_setup_is_named(mode, size, world, kw, words):
         assert w in str(e.value)
 
 
+def test_a_configuration_error_under_torchrun_is_printed_once(corpus, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "train.py"), *run_args(corpus, str(tmp_path), parallel="hp", parallel_size=3)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=HERE,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode != 0
+    assert (result.stdout + result.stderr).count("--parallel_size=3 must divide the world size 2") == 1
+
+
 def test_missing_backend_or_device_is_named(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
@@ -1158,6 +1167,101 @@ def test_balancing_moves_only_the_router_biases_toward_balance(corpus):
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())  # the weights stay frozen
     assert all(m.route_bias.abs().sum() > 0 and (m.load == 0).all() for m in model.routed_experts())
     assert data.state_dict() == {"pos": 0, "epoch": 0}  # training then reads the same data
+
+
+def test_generation_with_and_without_the_kv_cache_gives_the_same_tokens():
+    torch.manual_seed(0)
+    for ffn in ("mlp", "moe", "latent_moe", "mh_moe", "mh_latent_moe"):
+        model = GPT(small_config(ffn=ffn))
+        prompt = torch.randint(0, 50257, (2, 7))
+        cached = model.generate(prompt, 25, temperature=0)              # 32 = block_size tokens in all
+        plain = model.generate(prompt, 25, temperature=0, use_cache=False)
+        assert torch.equal(cached, plain), ffn
+        assert torch.equal(cached[:, :7], prompt) and model.training      # the prompt kept, the mode restored
+        assert all((m.load == 0).all() for m in model.routed_experts())  # generation counts no load
+        longer = model.generate(prompt, 40, temperature=0.8, top_k=5)    # past the context: the cache restarts
+        assert longer.shape == (2, 47)
+
+
+def test_a_trained_models_greedy_continuation_is_deterministic(corpus, tmp_path):
+    train.main(run_args(corpus, str(tmp_path), max_steps=8, ckpt_interval=8))
+    runs = [subprocess.run(train_command(["sample", str(tmp_path), "--prompt=The", "--max_new_tokens=12",
+                                          "--temperature=0", "--num_samples=1", "--device=cpu"]),
+                           capture_output=True, text=True, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            for _ in range(2)]
+    assert runs[0].returncode == 0, runs[0].stderr[-2000:]
+    assert runs[0].stdout == runs[1].stdout and runs[0].stdout.startswith("The")
+    model = train.load_model(str(tmp_path))
+    prompt = torch.tensor([prepare.encoder().encode_ordinary("The")])
+    want = prepare.encoder().decode(model.generate(prompt, 12, temperature=0)[0].tolist())
+    assert runs[0].stdout.split("\n---------------")[0] == want
+
+
+def test_zeroshot_adapter_scores_as_the_model_does():
+    bench = pytest.importorskip("bench")
+    pytest.importorskip("lm_eval")
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    model = GPT(small_config(ffn="mh_latent_moe")).eval()
+    enc = prepare.encoder()
+    long = "the context is longer than the model's window of 32 tokens " * 3
+    pairs = [("The quick brown", " fox jumps"), ("", "Hello world"), ("A number: ", "42 and more"), (long, " end")]
+    lm = bench.zeroshot_lm(model, batch_size=3)  # batches of unequal lengths, padded
+    got = lm.loglikelihood([SimpleNamespace(args=p) for p in pairs])
+
+    def direct(context, continuation):  # one sequence at a time, no padding: the oracle
+        ctx = enc.encode_ordinary(context.rstrip(" ")) or [prepare.EOT]
+        cont = enc.encode_ordinary(context.rstrip(" ") + context[len(context.rstrip(" ")):] + continuation)
+        cont = cont[len(enc.encode_ordinary(context.rstrip(" "))):]
+        seq = torch.tensor([(ctx + cont)[-33:]])
+        logp = torch.log_softmax(model(seq[:, :-1])[0].double(), -1)[0, -len(cont):]
+        return logp.gather(-1, seq[0, -len(cont):, None]).sum().item()
+    for (lp, _), p in zip(got, pairs):
+        assert lp == pytest.approx(direct(*p), rel=1e-4), p
+    greedy = model(torch.tensor([enc.encode_ordinary("The")]))[0][0, -1, :50257].argmax().item()
+    assert lm.loglikelihood([SimpleNamespace(args=("The", enc.decode([greedy])))])[0][1] is True
+    text = "a short document"  # shorter than the window: log p of every token after end-of-text
+    rolling = lm.loglikelihood_rolling([SimpleNamespace(args=(text,))])[0]
+    assert rolling == pytest.approx(direct("", text), rel=1e-4)
+    assert lm.generate_until([SimpleNamespace(args=("The", {"until": ["."], "max_gen_toks": 5}))])[0] \
+        == enc.decode(model.generate(torch.tensor([enc.encode_ordinary("The")]), 5, temperature=0)[0, 1:].tolist()).split(".")[0]
+
+
+def test_lm_eval_scores_a_local_task_above_chance_after_a_short_training(corpus, tmp_path, monkeypatch):
+    bench = pytest.importorskip("bench")
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(bench, "OUT", str(tmp_path / "results"))
+    run = str(tmp_path / "run")
+    train.main(run_args(corpus, run, max_steps=30, warmup_steps=3, decay_steps=5, ckpt_interval=30))
+    # an easy two-way task: a passage of the training text goes on as it does, or as random tokens
+    enc, rng = prepare.encoder(), random.Random(0)
+    tokens = np.asarray(prepare.open_shard(os.path.join(corpus, "train_000000.bin")))
+    rows = []
+    for i in range(24):
+        at = 500 + 997 * i
+        true = enc.decode(tokens[at + 12:at + 18].tolist())
+        noise = enc.decode([rng.randrange(50000) for _ in range(6)])
+        rows.append({"context": enc.decode(tokens[at:at + 12].tolist()), "choices": [true, noise], "label": 0})
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "easy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tasks / "easy.yaml").write_text(f"""task: easy_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tasks / 'easy.jsonl'}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+""")
+    row = bench.bench_zeroshot([run, "--tasks=easy_local", f"--include_path={tasks}", "--batch_size=5"])
+    assert row["easy_local"] > 0.75, row  # chance is 0.5
+    assert json.load(open(tmp_path / "results" / "zeroshot.json"))["rows"][0]["easy_local"] == row["easy_local"]
 
 
 def test_step_split_sorts_kernels_into_parts():

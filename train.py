@@ -3,6 +3,8 @@ Pretrain a GPT with an MLP, MoE, LatentMoE, MH-MoE or Multi-Head LatentMoE feedf
 
   python train.py --preset=tiny_mh --data_dir=data/builtin          # one process (CPU or GPU)
   torchrun --standalone --nproc_per_node=8 train.py --preset=mh_2b   # data parallel
+  python train.py sample out --prompt="Hello"      # text from a run's newest checkpoint
+  python train.py export out/ckpt_00015000 model.pt  # the model alone, one file
 
 Every setting below, and every GPTConfig field in model.py, is overridable
 with --key=value; --preset=NAME loads a model preset first. The defaults are
@@ -23,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 import zlib
 from contextlib import nullcontext
 
@@ -31,7 +34,7 @@ import torch
 
 import parallel
 from model import GPT, GPTConfig, preset
-from prepare import open_shard
+from prepare import EOT, encoder, open_shard
 
 DEFAULTS = dict(
     # data and output
@@ -221,6 +224,10 @@ def evaluate(model, stream, n_batches, autocast, device):
 # It is written as ckpt_<step>.tmp and renamed once complete. Only tensors go through DCP,
 # and DCP's metadata is unpickled here with DCP's own classes alone before DCP reads it,
 # so that a checkpoint from elsewhere cannot run code when it is loaded.
+
+# one process saves and loads through DCP without a process group, as intended: no warning
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
 
 def checkpoint_path(out_dir, step):
     return os.path.join(out_dir, f"ckpt_{step:08d}")
@@ -425,6 +432,55 @@ def read_model(path):
     state = {name: torch.empty(t.shape, dtype=t.dtype) for name, t in shapes.items()}
     dcp.load({"model": state}, checkpoint_id=path, no_dist=True)
     return config, state
+
+
+def load_model(path, device="cpu"):
+    """A GPT in eval mode from a checkpoint directory, a run's out_dir (its newest complete
+    checkpoint) or a file written by `train.py export`."""
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "train.json")):
+        found = complete_checkpoints(path)
+        if not found:
+            raise SystemExit(f"train.py: {path} holds no complete checkpoint (ckpt_<step>/); give a checkpoint "
+                             f"directory, a run's out_dir or a model file written by train.py export")
+        path = found[-1]
+    config, state = read_model(path)
+    with torch.device(device):
+        model = GPT(config)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def parse_options(argv, defaults, command):
+    """--key=value arguments of a command, typed like its defaults."""
+    options = dict(defaults)
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq or key not in defaults:
+            raise SystemExit(f"train.py {command}: bad argument {arg!r}; options are "
+                             + " ".join(f"--{k}={v!r}" for k, v in defaults.items()))
+        options[key] = convert(key, value, defaults[key])
+    return options
+
+
+SAMPLE = dict(prompt="\n", max_new_tokens=200, temperature=0.8, top_k=200, num_samples=2, seed=1337, device="auto")
+
+
+def sample(argv):
+    """python train.py sample CKPT_OR_OUT_DIR [--prompt=... --max_new_tokens --temperature --top_k ...]"""
+    if not argv or argv[0].startswith("--"):
+        raise SystemExit("usage: python train.py sample out/run [--prompt='Once upon a time'] [--max_new_tokens=200] "
+                         "[--temperature=0.8] [--top_k=200] [--num_samples=2] [--seed=1337] [--device=auto]")
+    o = parse_options(argv[1:], SAMPLE, "sample")
+    device = torch.device("cuda" if o["device"] == "auto" and torch.cuda.is_available() else
+                          "cpu" if o["device"] == "auto" else o["device"])
+    model = load_model(argv[0], device)
+    enc = encoder()
+    torch.manual_seed(o["seed"])
+    prompt = torch.tensor([enc.encode_ordinary(o["prompt"]) or [EOT]] * o["num_samples"], device=device)
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        out = model.generate(prompt, o["max_new_tokens"], o["temperature"], o["top_k"] or None)
+    for row in out.tolist():  # ids past GPT-2's vocabulary (the padding to a multiple of 64) have no text
+        print(enc.decode([t for t in row if t < enc.n_vocab]) + "\n---------------")
 
 
 def export(argv):
@@ -659,7 +715,7 @@ def main(argv, on_step=None):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["export"]:
-        export(sys.argv[2:])
+    if sys.argv[1:2] in (["export"], ["sample"]):
+        {"export": export, "sample": sample}[sys.argv[1]](sys.argv[2:])
     else:
-        main(sys.argv[1:])
+        parallel.errors_once(main, sys.argv[1:])
