@@ -579,6 +579,17 @@ def test_triton_router_matches_fp64_in_experts_scores_and_gradients(k):
     torch.testing.assert_close(dw.double(), dw64, rtol=1e-5, atol=1e-5)
 
 
+def router_weight_gradient_against_fp64(scores, idx, x, w):
+    """The router weights' gradient for random score gradients, and the fp64 one at the same picks."""
+    g = torch.randn_like(scores)
+    dw, = torch.autograd.grad((scores * g).sum(), w)
+    w64 = w.detach().double().requires_grad_()
+    dw64, = torch.autograd.grad((torch.einsum("nhd,hde->nhe", x.double(), w64).gather(-1, idx) * g.double()).sum(),
+                                w64)
+    torch.testing.assert_close(dw.double(), dw64, rtol=1e-5, atol=1e-5)
+    return dw
+
+
 def test_triton_router_gradient_of_a_hot_expert_matches_fp64_in_chunks(monkeypatch):
     # every token of both heads picks experts 0..2: 300 pairs each, in chunks of 64 (5 each)
     monkeypatch.setattr(kernels, "CHUNK_MIN", 1)
@@ -588,12 +599,7 @@ def test_triton_router_gradient_of_a_hot_expert_matches_fp64_in_chunks(monkeypat
     w.requires_grad_(True)
     scores, idx = kernels.topk_route_triton(x, w, b, 3)
     assert (idx.sort(-1).values == torch.arange(3, device=DEV)).all()
-    g = torch.randn_like(scores)
-    dw, = torch.autograd.grad((scores * g).sum(), w)
-    w64 = w.detach().double().requires_grad_()
-    dw64, = torch.autograd.grad((torch.einsum("nhd,hde->nhe", x.double(), w64).gather(-1, idx) * g.double()).sum(),
-                                w64)
-    torch.testing.assert_close(dw.double(), dw64, rtol=1e-5, atol=1e-5)
+    dw = router_weight_gradient_against_fp64(scores, idx, x, w)
     assert (dw[..., 3:] == 0).all()  # experts no token chose
 
 
@@ -605,12 +611,7 @@ def test_triton_router_at_every_head_width(dim):
     assert_same_experts_up_to_ties(idx, x, w, b, 4)
     want = torch.einsum("nhd,hde->nhe", x.double(), w.double()).gather(-1, idx)
     torch.testing.assert_close(scores.double(), want, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(scores)
-    dw, = torch.autograd.grad((scores * g).sum(), w)
-    w64 = w.detach().double().requires_grad_()
-    dw64, = torch.autograd.grad((torch.einsum("nhd,hde->nhe", x.double(), w64).gather(-1, idx) * g.double()).sum(),
-                                w64)
-    torch.testing.assert_close(dw.double(), dw64, rtol=1e-5, atol=1e-5)
+    router_weight_gradient_against_fp64(scores, idx, x, w)
 
 
 @pytest.mark.parametrize("dim,k", [(64, 4), (128, 8), (256, 2)])
