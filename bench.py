@@ -553,7 +553,7 @@ def bench_zeroshot(argv):
     if not argv or argv[0].startswith("--"):
         sys.exit("usage: python bench.py zeroshot out/run [--tasks=hellaswag,piqa,...] [--limit=N] [--include_path=DIR]")
     o = train.parse_options(argv[1:], ZEROSHOT, "zeroshot")
-    device = "cuda" if o["device"] == "auto" and torch.cuda.is_available() else "cpu" if o["device"] == "auto" else o["device"]
+    device = parallel.pick_device(o["device"])
     model = train.load_model(argv[0], device)
     tasks = o["tasks"].split(",")
     manager = TaskManager(include_path=o["include_path"] or None)

@@ -29,12 +29,18 @@ import torch.nn as nn
 import kernels
 
 
-def init_distributed(device="auto"):
-    """Returns (rank, world_size, device)."""
+def pick_device(device="auto"):
+    """'cuda' or 'cpu' for --device=auto|cuda|cpu: auto takes the GPU where there is one."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("train.py: --device=cuda but no CUDA device is visible; use --device=cpu")
+    return device
+
+
+def init_distributed(device="auto"):
+    """Returns (rank, world_size, device)."""
+    device = pick_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, torch.device(device)

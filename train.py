@@ -471,8 +471,7 @@ def sample(argv):
         raise SystemExit("usage: python train.py sample out/run [--prompt='Once upon a time'] [--max_new_tokens=200] "
                          "[--temperature=0.8] [--top_k=200] [--num_samples=2] [--seed=1337] [--device=auto]")
     o = parse_options(argv[1:], SAMPLE, "sample")
-    device = torch.device("cuda" if o["device"] == "auto" and torch.cuda.is_available() else
-                          "cpu" if o["device"] == "auto" else o["device"])
+    device = torch.device(parallel.pick_device(o["device"]))
     model = load_model(argv[0], device)
     enc = encoder()
     torch.manual_seed(o["seed"])
