@@ -433,12 +433,16 @@ def test_training_on_the_builtin_corpus_lowers_the_loss(corpus, tmp_path):
     assert np.mean(got[-5:]) < got[0] - 2.0, got
 
 
-def test_resume_reproduces_the_uninterrupted_losses_exactly(corpus, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the pinned staging buffers need CUDA"))])
+def test_resume_reproduces_the_uninterrupted_losses_exactly(corpus, tmp_path, device):
+    # on a GPU the checkpoints of steps 2 and 4 go through the same pinned buffers
     straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
-    train.main(run_args(corpus, straight))
-    train.main(run_args(corpus, resumed, ckpt_interval=3, keep_last_n=5))
+    kw = dict(device=device, deterministic=device == "cuda")
+    train.main(run_args(corpus, straight, **kw))
+    train.main(run_args(corpus, resumed, ckpt_interval=2, keep_last_n=5, **kw))
     shutil.rmtree(os.path.join(resumed, "ckpt_00000006"))  # as if the run had died after step 5
-    train.main(run_args(corpus, resumed, ckpt_interval=3, resume="auto"))
+    train.main(run_args(corpus, resumed, ckpt_interval=2, resume="auto", **kw))
     assert losses(straight) == losses(resumed)
 
 
