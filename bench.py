@@ -171,6 +171,12 @@ def expert_routing(tokens, n_heads, n_expert, k, routing):
         tokens, n_heads, k).cuda()
 
 
+def fresh_backward(out, grad, inputs):
+    for t in inputs:
+        t.grad = None
+    out.backward(grad)
+
+
 def bench_experts(cases=EXPERT_ROWS, n_heads=8, dim=128, k=4):
     """Skewed rows time the fused kernels only, against their own uniform row."""
     rows = []
@@ -201,10 +207,8 @@ def bench_experts(cases=EXPERT_ROWS, n_heads=8, dim=128, k=4):
             g = torch.randn_like(out)
             row[f"{name} rel err"] = rel_error(out, want)
             row[f"{name} fwd ms"], _ = timed(lambda: ffn(*inputs))
-            # the gradients themselves, not their accumulation into .grad: that adds the same
-            # read-modify-write of the weights to every path (2 ms at N_e = 4096 on an H100)
-            row[f"{name} fwd+bwd ms"], row[f"{name} MiB"] = timed(
-                lambda: torch.autograd.grad(ffn(*inputs), (x, gates, w1, w2), g))
+            # into empty .grad buffers, as a step's first micro-batch: fused writes them itself
+            row[f"{name} fwd+bwd ms"], row[f"{name} MiB"] = timed(lambda: fresh_backward(ffn(*inputs), g, inputs))
             row[f"{name} fwd TFLOP/s"] = useful / row[f"{name} fwd ms"] / 1e9
         rows.append(row)
         del inputs, x, w1, w2, want
@@ -382,7 +386,9 @@ def bench_e2e(argv):
     if prof is not None:
         kernel_times = {e.key: e.self_device_time_total / 1e3 for e in prof.key_averages()
                         if e.device_type == torch.autograd.DeviceType.CUDA}
-        row.update({f"{part} ms": v for part, v in step_split(kernel_times).items()})
+        split = step_split(kernel_times)
+        row.update({f"{part} ms": v for part, v in split.items()})
+        row["device idle %"] = 100 * max(0.0, 1 - sum(split.values()) / ms)  # the step minus its kernels' time
         print("longest kernels of the profiled step (ms):")
         for name, v in sorted(kernel_times.items(), key=lambda kv: -kv[1])[:15]:
             print(f"  {v:9.2f}  {name[:110]}")
@@ -394,7 +400,7 @@ def bench_e2e(argv):
 
 
 E2E_COLUMNS = (["model", "parallel", "GPUs", "routing", "global batch", "step ms", "tokens/s", "MFU %", "peak GiB",
-                "load max/mean"] + [f"{part} ms" for part, _ in STEP_PARTS] + ["other ms"])
+                "load max/mean"] + [f"{part} ms" for part, _ in STEP_PARTS] + ["other ms", "device idle %"])
 
 
 def throughput_bars(rows, path):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 # -----------------------------------------------------------------------------
@@ -404,10 +405,13 @@ def _hidden_chunk(W, g, j, d, hidden, D: tl.constexpr):
 
 
 @triton.jit
-def _store_hidden_chunk(W, g, j, d, hidden, D: tl.constexpr, value):
-    # value into hidden units j of row g of a (rows, hidden, D) tensor
-    tl.store(W + (g.to(tl.int64) * hidden + j[:, None]) * D + d[None, :], value.to(W.dtype.element_ty),
-             mask=(j < hidden)[:, None] & (d < D)[None, :])
+def _store_hidden_chunk(W, g, j, d, hidden, D: tl.constexpr, value, ACCUMULATE: tl.constexpr):
+    # value into hidden units j of row g of a (rows, hidden, D) tensor, or added to what it holds
+    at = W + (g.to(tl.int64) * hidden + j[:, None]) * D + d[None, :]
+    mask = (j < hidden)[:, None] & (d < D)[None, :]
+    if ACCUMULATE:
+        value += tl.load(at, mask=mask, other=0.0).to(tl.float32)
+    tl.store(at, value.to(W.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -460,7 +464,8 @@ def _fused_experts_dx_kernel(X, DOut, Gates, W1, W2, DX, DY, DGates, Order, Tile
 @triton.jit
 def _fused_experts_dw_kernel(X, DY, W1, W2, DW1, DW2, Partial1, Partial2, Order, ChunkGroup, ChunkStart,
                              ChunkEnd, ChunkSlot, hidden, K, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
+                             BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+                             ACCUMULATE: tl.constexpr):
     t, c = tl.program_id(0), tl.program_id(1) * BLOCK_H  # one chunk of an expert's pairs, one chunk of its hidden units
     g = tl.load(ChunkGroup + t)
     if g >= 0:
@@ -477,12 +482,12 @@ def _fused_experts_dw_kernel(X, DY, W1, W2, DW1, DW2, Partial1, Partial2, Order,
             dpre = tl.dot(dy, tl.trans(w2), input_precision=PRECISION) * slope
             dw1 += tl.dot(tl.trans(dpre.to(x.dtype)), x, input_precision=PRECISION)  # dW1_c = dPre^T X
             dw2 += tl.dot(tl.trans(h.to(x.dtype)), dy, input_precision=PRECISION)    # dW2_c = H^T dY
-        if slot < 0:  # the expert's only chunk: its gradient, written once
-            _store_hidden_chunk(DW1, g, j, d, hidden, D, dw1)
-            _store_hidden_chunk(DW2, g, j, d, hidden, D, dw2)
+        if slot < 0:  # the expert's only chunk: its gradient, written (or added) once
+            _store_hidden_chunk(DW1, g, j, d, hidden, D, dw1, ACCUMULATE)
+            _store_hidden_chunk(DW2, g, j, d, hidden, D, dw2, ACCUMULATE)
         else:         # one of several: partial sums, added up in order by _sum_chunks_kernel
-            _store_hidden_chunk(Partial1, slot, j, d, hidden, D, dw1)
-            _store_hidden_chunk(Partial2, slot, j, d, hidden, D, dw2)
+            _store_hidden_chunk(Partial1, slot, j, d, hidden, D, dw1, False)
+            _store_hidden_chunk(Partial2, slot, j, d, hidden, D, dw2, False)
 
 
 def tile_table(starts, n_pairs, block_m):
@@ -544,14 +549,16 @@ def chunk_table(starts, n_pairs, chunk):
 
 
 @triton.jit
-def _sum_chunks_kernel(Partial, Out, FirstSlot, Slots, width, BLOCK: tl.constexpr):
-    # row g of Out = the sum of group g's partial rows, in chunk order (groups of one chunk: written already)
+def _sum_chunks_kernel(Partial, Out, FirstSlot, Slots, width, BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr):
+    # row g of Out (+)= the sum of group g's partial rows, in chunk order (groups of one chunk: written already)
     g = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     n = tl.load(Slots + g)
     if n > 0:
         first, ok = tl.load(FirstSlot + g), cols < width
         acc = tl.zeros((BLOCK,), tl.float32)
+        if ACCUMULATE:
+            acc += tl.load(Out + g.to(tl.int64) * width + cols, mask=ok, other=0.0).to(tl.float32)
         for i in range(n):
             acc += tl.load(Partial + (first + i).to(tl.int64) * width + cols, mask=ok, other=0.0)
         tl.store(Out + g.to(tl.int64) * width + cols, acc.to(Out.dtype.element_ty), mask=ok)
@@ -560,11 +567,12 @@ def _sum_chunks_kernel(Partial, Out, FirstSlot, Slots, width, BLOCK: tl.constexp
 SUM_CHUNKS_BLOCK = 2048
 
 
-def sum_chunks(partial, out, chunks):
-    """Adds up the partial sums of the groups split over several chunks into out, (G, ...)."""
+def sum_chunks(partial, out, chunks, accumulate=False):
+    """Adds up the partial sums of the groups split over several chunks into out, (G, ...),
+    or, accumulating, to what out holds."""
     width = out[0].numel()
     _sum_chunks_kernel[(out.size(0), triton.cdiv(width, SUM_CHUNKS_BLOCK))](
-        partial, out, chunks.first_slot, chunks.slots, width, BLOCK=SUM_CHUNKS_BLOCK)
+        partial, out, chunks.first_slot, chunks.slots, width, BLOCK=SUM_CHUNKS_BLOCK, ACCUMULATE=accumulate)
 
 
 def fused_launch(x, config):
@@ -576,14 +584,15 @@ def fused_launch(x, config):
 class FusedExperts(torch.autograd.Function):
     """
     Eq. 1 over the clustered pairs. x: (N * S, d) sub-tokens; gates: (N * S * k,);
-    w1, w2: (S * N_e, d_e, d); order, starts: the clustering of the N * S * k pairs
-    (cluster_by_expert). Returns (N * S, d). The kernels read x and write each pair's
+    w1, w2: (S * N_e, d_e, d) in x's dtype; order, starts: the clustering of the N * S * k
+    pairs (cluster_by_expert); param1, param2: the weight tensors whose .grad receives the
+    weight gradients, for which backward returns none. Returns (N * S, d). The kernels read x and write each pair's
     gated output through order, so no clustered copy exists; the sum over k follows.
     The backward recomputes the hidden units and each pair's output (for its gate's
     gradient): nothing of size N * S * k * d is kept between forward and backward.
     """
     @staticmethod
-    def forward(ctx, x, gates, w1, w2, order, starts, k):
+    def forward(ctx, x, gates, w1, w2, order, starts, k, param1, param2):
         hidden = w1.size(-2)
         config, ctx.dw_config = fused_tiles(x.size(1), order.numel() / w1.size(0))
         tiles = tile_table(starts, order.numel(), config["BLOCK_M"])
@@ -591,30 +600,91 @@ class FusedExperts(torch.autograd.Function):
         _fused_experts_fwd_kernel[(tiles[0].numel(),)](
             x, gates, w1, w2, y, order, *tiles, hidden, k, **fused_launch(x, config))
         ctx.save_for_backward(x, gates, w1, w2, order, starts, *tiles)
-        ctx.k, ctx.config = k, config
+        ctx.k, ctx.config, ctx.params = k, config, (param1, param2)
         return y.view(-1, k, x.size(1)).sum(1)
 
     @staticmethod
     def backward(ctx, dout):
         x, gates, w1, w2, order, starts, *tiles = ctx.saved_tensors
-        n_groups, hidden, dim = w1.shape
+        _, hidden, dim = w1.shape
         k = ctx.k
         dout = dout.contiguous()
         dx, dy = x.new_empty(order.numel(), dim), x.new_empty(order.numel(), dim)  # per pair
         dgates = torch.empty(order.numel(), device=x.device, dtype=torch.float32)
         _fused_experts_dx_kernel[(tiles[0].numel(),)](
             x, dout, gates, w1, w2, dx, dy, dgates, order, *tiles, hidden, k, **fused_launch(x, ctx.config))
-        dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
-        block_m = ctx.dw_config["BLOCK_M"]
-        chunks = chunk_table(starts, order.numel(), chunk_pairs(order.numel(), n_groups, block_m))
-        partial1, partial2 = (torch.empty(chunks.max_slots, hidden, dim, device=x.device, dtype=torch.float32)
-                              for _ in range(2))
-        _fused_experts_dw_kernel[(chunks.group.numel(), triton.cdiv(hidden, ctx.dw_config["BLOCK_H"]))](
-            x, dy, w1, w2, dw1, dw2, partial1, partial2, order, chunks.group, chunks.start, chunks.end,
-            chunks.slot, hidden, k, **fused_launch(x, ctx.dw_config))
-        sum_chunks(partial1, dw1, chunks)
-        sum_chunks(partial2, dw2, chunks)
-        return dx.view(-1, k, dim).sum(1), dgates.to(gates.dtype), dw1, dw2, None, None, None
+        if any(ctx.needs_input_grad[7:]):  # the weights' gradients, into their .grad
+            fused_weight_gradients(ctx, x, dy, w1, w2, order, starts)
+        return dx.view(-1, k, dim).sum(1), dgates.to(gates.dtype), None, None, None, None, None, None, None
+
+
+def fused_weight_gradients(ctx, x, dy, w1, w2, order, starts):
+    """dW1, dW2 of FusedExperts, one program per chunk of an expert's pairs and chunk of its
+    hidden units, added to (or stored in) the parameters' .grad."""
+    n_groups, hidden, dim = w1.shape
+    (dw1, dw2), accumulate = gradient_buffers(ctx.params)
+    dw1, dw2 = dw1.view(w1.shape), dw2.view(w2.shape)
+    block_m = ctx.dw_config["BLOCK_M"]
+    chunks = chunk_table(starts, order.numel(), chunk_pairs(order.numel(), n_groups, block_m))
+    partial1, partial2 = (torch.empty(chunks.max_slots, hidden, dim, device=x.device, dtype=torch.float32)
+                          for _ in range(2))
+    _fused_experts_dw_kernel[(chunks.group.numel(), triton.cdiv(hidden, ctx.dw_config["BLOCK_H"]))](
+        x, dy, w1, w2, dw1, dw2, partial1, partial2, order, chunks.group, chunks.start, chunks.end,
+        chunks.slot, hidden, ctx.k, **fused_launch(x, ctx.dw_config), ACCUMULATE=accumulate)
+    sum_chunks(partial1, dw1, chunks, accumulate)
+    sum_chunks(partial2, dw2, chunks, accumulate)
+
+
+def gradient_buffers(params):
+    """
+    Gradient-accumulation fusion (Megatron's): the weight-gradient kernels write straight into
+    each parameter's .grad, in its own dtype (fp32 for fp32 master weights), storing in the
+    first micro-batch of a step and adding in the later ones; no bf16 gradient is made, cast
+    and added by a separate pass. Returns the buffers and whether to add to them.
+    """
+    accumulate = any(p.grad is not None for p in params)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p) if accumulate else torch.empty_like(p)
+    return [p.grad for p in params], accumulate
+
+
+def weight_parameter(w):
+    """The tensor whose .grad receives w's gradient in the fused path: w, or the whole tensor w views."""
+    leaf = w if w._base is None else w._base
+    if w.requires_grad and (not leaf.is_leaf or leaf.numel() != w.numel()):
+        raise ValueError("expert_ffn_fused: the expert weights must be leaf tensors (parameters) or views of "
+                         "whole ones, since their gradients are added straight to .grad")
+    return leaf
+
+
+optimizer_steps = 0  # steps taken by any optimizer in this process, counted by the hook below
+
+
+def count_optimizer_step(*_):
+    global optimizer_steps
+    optimizer_steps += 1
+
+
+# fused optimizers (AdamW(fused=True)) change the weights in place without bumping their
+# version counter, so compute_copy also recasts after every optimizer step
+register_optimizer_step_post_hook(count_optimizer_step)
+
+
+def compute_copy(w, dtype):
+    """
+    w in the compute dtype, detached. The cast is kept on w and made again only once w may
+    have changed (an optimizer step, or an in-place change such as a checkpoint load, which
+    bumps its version): once per step, not once per micro-batch, as Megatron keeps bf16
+    copies of its fp32 weights.
+    """
+    if w.dtype == dtype:
+        return w.detach()
+    key = (optimizer_steps, w._version, w.data_ptr(), dtype)
+    cached = getattr(w, "compute_copy", None)
+    if cached is None or cached[0] != key:
+        w.compute_copy = cached = (key, w.detach().to(dtype))
+    return cached[1]
 
 
 def expert_ffn_fused(x, idx, gates, w1, w2):
@@ -622,9 +692,10 @@ def expert_ffn_fused(x, idx, gates, w1, w2):
     N, n_sets, dim = x.shape
     n_expert, hidden = w1.size(1), w1.size(2)
     order, starts = cluster_by_expert(idx, n_expert)
-    w1, w2 = (w.to(x.dtype).reshape(n_sets * n_expert, hidden, dim).contiguous() for w in (w1, w2))
+    params = tuple(weight_parameter(w) for w in (w1, w2))
+    w1c, w2c = (compute_copy(p, x.dtype).view(n_sets * n_expert, hidden, dim) for p in params)
     y = FusedExperts.apply(x.reshape(N * n_sets, dim).contiguous(), gates.flatten().contiguous(),
-                           w1, w2, order, starts, idx.size(-1))
+                           w1c, w2c, order, starts, idx.size(-1), *params)
     return y.view(N, n_sets, dim)
 
 

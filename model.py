@@ -346,6 +346,63 @@ FFN_CLASSES = {"mlp": MLP, "moe": MoE, "latent_moe": LatentMoE, "mh_moe": MHMoE,
                "mh_latent_moe": MultiHeadLatentMoE}
 
 
+# -----------------------------------------------------------------------------
+# The loss: cross-entropy of the lm_head's logits, never formed whole
+
+CE_CHUNK = 4096  # rows of logits at a time: 0.4 GB in bf16 at GPT-2's vocabulary
+
+
+def softmax_cross_entropy(logits, targets, scale):
+    """Each row's cross-entropy, and scale times its gradient with respect to the logits (in their
+    dtype); fp32 within."""
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    loss = (lse - z.gather(1, targets[:, None])).squeeze(1)
+    grad = torch.exp(z - lse).scatter_add(1, targets[:, None], -torch.ones_like(lse))  # softmax - one-hot
+    return loss, (grad * scale).to(logits.dtype)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """
+    Mean cross-entropy of the rows of x @ weight^T, chunk by chunk of rows, so that the
+    (N, V) logits never exist whole, nor in fp32 (a micro-batch of 16,384 tokens held 3.3 GB
+    of them). Each chunk's logits give its losses and at once their gradient, which goes
+    into dX and dW before the next chunk (liger-kernel's fused linear cross-entropy, in
+    PyTorch); backward only scales them. The softmax of a chunk is one compiled kernel on CUDA.
+    """
+    @staticmethod
+    def forward(ctx, x, weight, targets):
+        n, w = x.size(0), kernels.compute_copy(weight, x.dtype)
+        rows = kernels.compiled(softmax_cross_entropy) if x.is_cuda else softmax_cross_entropy
+        total = torch.zeros((), device=x.device)
+        dx, dw = torch.empty_like(x), torch.zeros_like(weight)
+        for i in range(0, n, CE_CHUNK):
+            xc = x[i:i + CE_CHUNK]
+            loss, dlogits = rows(xc @ w.t(), targets[i:i + CE_CHUNK], 1 / n)  # d mean / d logits
+            total += loss.sum()
+            if any(ctx.needs_input_grad):  # not when evaluating
+                dx[i:i + CE_CHUNK] = dlogits @ w
+                dw += (dlogits.t() @ xc).to(dw.dtype)
+        ctx.save_for_backward(dx, dw)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx, dw = ctx.saved_tensors
+        return dx * grad.to(dx.dtype), dw * grad, None
+
+
+@torch.compiler.disable  # a loop of chunks; its softmax compiles on its own
+def linear_cross_entropy(x, weight, targets):
+    """The language model's loss, F.cross_entropy(x @ weight^T, targets), with x and weight in
+    the autocast dtype where autocast is on."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        x = x.to(torch.get_autocast_dtype(device))
+    with torch.autocast(device, enabled=False):
+        return LinearCrossEntropy.apply(x.reshape(-1, x.size(-1)), weight, targets.reshape(-1))
+
+
 class Block(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
@@ -394,11 +451,10 @@ class GPT(nn.Module):
             x = block(x, self.rope_cos, self.rope_sin, cache)
         if cache is not None:
             cache.length = end
-        logits = self.lm_head(self.ln_f(x))
+        x = self.ln_f(x)
         if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+            return self.lm_head(x), None
+        return None, linear_cross_entropy(x, self.lm_head.weight, targets)  # no (B, T, V) logits
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):

@@ -28,7 +28,8 @@ import kernels
 import parallel
 import prepare
 import train
-from model import GPT, FFN_CLASSES, PRESETS, GPTConfig, MoE, MultiHeadLatentMoE, RoutedExperts, preset
+from model import (GPT, FFN_CLASSES, PRESETS, GPTConfig, MoE, MultiHeadLatentMoE, RoutedExperts, linear_cross_entropy,
+                   preset)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMALL = dict(block_size=32, n_layer=2, n_head=2, n_embd=48, n_dense_layers=1, n_expert=7, topk=3,
@@ -740,6 +741,58 @@ def test_fused_triton_experts_match_fp64_in_output_and_gradients(routing, n_expe
     got.backward(g.to(dtype))
     for a, b in [(got, want)] + [(a.grad, b.grad) for a, b in zip(got_in, want_in) if b.grad is not None]:
         assert torch.linalg.norm(a.double() - b) / torch.linalg.norm(b) < tol
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_fused_experts_add_each_micro_batchs_weight_gradients_to_grad(chunked, monkeypatch):
+    # gradient-accumulation fusion: the dW kernels store the first micro-batch's gradient in
+    # .grad and add the next ones, in place and through the chunks' partial sums alike, as
+    # autograd accumulates the fp64 reference's; an expert no pair picks keeps a finite zero
+    if chunked:
+        monkeypatch.setattr(kernels, "CHUNK_MIN", 1)
+        monkeypatch.setattr(kernels, "CHUNK_MEANS", 1)
+    x, idx, gates, w1, w2 = expert_inputs(37, 2, 16, 6, 40, 3, "skewed")
+    got = [w.clone().requires_grad_() for w in (w1, w2)]
+    want = [w.double().requires_grad_() for w in (w1, w2)]
+    for seed in (1, 2):
+        g = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(DEV)
+        kernels.expert_ffn_fused(x, idx, gates, *got).backward(g)
+        kernels.expert_ffn_reference(x.double(), idx, gates.double(), *want).backward(g.double())
+    for a, b in zip(got, want):
+        assert a.grad.dtype == torch.float32
+        assert torch.linalg.norm(a.grad.double() - b.grad) / torch.linalg.norm(b.grad) < 1e-5
+
+
+@pytest.mark.parametrize("rows,chunk", [(37, 8), (16, 16), (5, 4096)])
+def test_chunked_linear_cross_entropy_matches_fp64(rows, chunk, monkeypatch):
+    # chunks of 8 rows leave a partial last one; the gradients are formed in the forward
+    monkeypatch.setattr("model.CE_CHUNK", chunk)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(rows, 24, generator=g), torch.randn(101, 24, generator=g)
+    targets = torch.randint(0, 101, (rows,), generator=g)
+    got_in = [t.to(DEV).requires_grad_() for t in (x, w)]
+    want_in = [t.detach().double().requires_grad_() for t in (x, w)]
+    got = linear_cross_entropy(*got_in, targets.to(DEV))
+    want = F.cross_entropy(want_in[0] @ want_in[1].t(), targets)
+    (got * 3).backward()  # the incoming gradient scales the stored ones
+    (want * 3).backward()
+    assert abs(got.item() - want.item()) < 1e-5 * abs(want.item())
+    for a, b in zip(got_in, want_in):
+        assert torch.linalg.norm(a.grad.double().cpu() - b.grad) / torch.linalg.norm(b.grad) < 1e-5
+    with torch.no_grad():  # evaluation: the loss alone
+        assert linear_cross_entropy(*got_in, targets.to(DEV)).item() == got.item()
+
+
+def test_weights_are_cast_once_until_they_change():
+    # the compute copy of a weight is made once and kept until an optimizer step changes it
+    w = torch.randn(3, 5, device=DEV, requires_grad=True)
+    first = kernels.compute_copy(w, torch.bfloat16)
+    assert kernels.compute_copy(w, torch.bfloat16) is first and torch.equal(first, w.detach().bfloat16())
+    w.grad = torch.ones_like(w)
+    torch.optim.AdamW([w], lr=0.1, fused=True).step()  # fused: one kernel updates w in place
+    again = kernels.compute_copy(w, torch.bfloat16)
+    assert again is not first and torch.equal(again, w.detach().bfloat16())
+    assert kernels.compute_copy(w, torch.float32) is not again  # the same dtype: w itself, no copy
 
 
 @pytest.mark.parametrize("counts,chunk", [([0, 5, 40, 0, 3], 8), ([100], 16), ([0, 0, 0], 4), ([1] * 7, 2),
