@@ -315,12 +315,16 @@ STEP_PARTS = (
 )
 
 
+def kernel_part(name):
+    """The part of a step a kernel belongs to; "other" if no pattern names it."""
+    return next((part for part, pattern in STEP_PARTS if re.search(pattern, name.lower())), "other")
+
+
 def step_split(kernel_times):
-    """{part: ms} from {kernel name: ms}; kernels no pattern names fall in "other"."""
+    """{part: ms} from {kernel name: ms}."""
     split = {part: 0.0 for part, _ in STEP_PARTS} | {"other": 0.0}
     for name, ms in kernel_times.items():
-        part = next((p for p, pattern in STEP_PARTS if re.search(pattern, name.lower())), "other")
-        split[part] += ms
+        split[kernel_part(name)] += ms
     return split
 
 
@@ -389,9 +393,9 @@ def bench_e2e(argv):
         split = step_split(kernel_times)
         row.update({f"{part} ms": v for part, v in split.items()})
         row["device idle %"] = 100 * max(0.0, 1 - sum(split.values()) / ms)  # the step minus its kernels' time
-        print("longest kernels of the profiled step (ms):")
-        for name, v in sorted(kernel_times.items(), key=lambda kv: -kv[1])[:15]:
-            print(f"  {v:9.2f}  {name[:110]}")
+        print("longest kernels of the profiled step (ms), by part:")
+        for name, v in sorted(kernel_times.items(), key=lambda kv: -kv[1])[:30]:
+            print(f"  {v:9.2f}  {kernel_part(name):10s}  {name[:110]}")
     path = os.path.join(OUT, "e2e.json")
     rows = json.load(open(path))["rows"] if os.path.exists(path) else []
     key = ("model", "parallel", "GPUs", "routing")
