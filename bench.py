@@ -262,8 +262,8 @@ def bench_a2a(tokens=16 * 2048, dim=1024, heads=8, n_expert=384, ks=(1, 2, 4, 8)
     if world < 2:
         sys.exit("bench.py a2a: run it under torchrun with 2 or more GPUs")
     layout = parallel.make_layout("hp", world, rank, world)
-    hp = parallel.HeadParallel(layout, heads)
-    ep = parallel.ExpertParallel(layout, n_expert // world)
+    hp = parallel.HeadParallel(layout.head_group, world, heads)
+    ep = parallel.ExpertParallel(layout.head_group, world, n_expert // world)  # the same P ranks
     x = torch.randn(tokens, 1, dim, device="cuda", dtype=torch.bfloat16)
     sub = x.view(tokens, heads, dim // heads)  # HP moves the same bytes, split into heads
     gen = torch.Generator().manual_seed(0)
@@ -378,7 +378,7 @@ def bench_e2e(argv):
     tps = a["batch_tokens"] / ms * 1e3
     with torch.device("meta"):
         flops = GPT(config).flops_per_token()
-    fields = {f.name for f in dataclasses.fields(config)} | {"parallel_size"}  # what tells rows apart
+    fields = {f.name for f in dataclasses.fields(config)} | {"parallel_size", "ep_size"}  # what tells rows apart
     changed = [arg.removeprefix("--") for arg in rest if arg.removeprefix("--").partition("=")[0] in fields]
     row = {"model": " ".join([a["preset"] or config.ffn] + changed), "parallel": a["parallel"], "GPUs": world,
            "routing": routing,

@@ -10,10 +10,16 @@ spreading experts over P ranks (Sec. 2.3 and 3.2):
     One all-to-all of fixed, equal size before routing gives each rank its
     heads' sub-tokens of every rank's tokens; one reverse all-to-all after.
     No metadata, and the traffic does not depend on routing or on k.
+  HP x EP (beyond the paper, which names it in Sec. 3.2): the P ranks of a group
+    split the heads over H = P / E ranks and each head's experts over E ranks.
+    Rank h E + e of a group holds heads h and experts e of them: HP's all-to-all
+    runs among the H ranks of expert shard e, then EP's among the E ranks of
+    heads h. So HP scales past N_h GPUs without replicating every expert.
 
 With W ranks and P-way EP or HP, the W ranks form W / P = R groups of P
 consecutive ranks; an expert shard is replicated over the R ranks holding the
-same place in their group, and its gradients are averaged over those R only.
+same place in their group, and its gradients are averaged over those R only
+(a head's router over the E R ranks that hold its heads).
 Under torchrun (WORLD_SIZE > 1) it uses NCCL on GPUs and gloo on CPUs; in one
 process everything here is a no-op.
 """
@@ -139,26 +145,49 @@ def update_router_biases(model, rate):
 
 @dataclass
 class Layout:
-    mode: str          # "dp", "ep" or "hp"
-    size: int = 1      # P
-    index: int = 0     # this rank's place in its group of P
-    group: object = None     # the P ranks that share tokens through all-to-all
-    replicas: object = None  # the R ranks that hold the same expert shard
+    """Rank h E + e of each group of P = H E ranks holds heads h (of H) and experts e (of E)."""
+    mode: str                     # "dp", "ep" or "hp"
+    heads: int = 1                # H: HP's ranks (1 under EP)
+    experts: int = 1              # E: EP's ranks (1 under plain HP)
+    head_index: int = 0           # h
+    expert_index: int = 0         # e
+    head_group: object = None     # the H ranks of HP's all-to-all: same e, every h
+    expert_group: object = None   # the E ranks of EP's all-to-all: same h, every e
+    replicas: object = None       # the R ranks that hold the same shard (h, e)
+    head_replicas: object = None  # the E R ranks that hold heads h (their routers)
+
+    @property
+    def size(self):
+        return self.heads * self.experts
 
 
-def make_layout(mode, size, rank, world):
+def make_layout(mode, size, rank, world, ep_size=1):
     """Every rank must call this (new_group is collective). P = 1 is plain data parallel."""
     if mode == "dp" or size == 1:
         return Layout("dp")
-    groups = [dist.new_group(list(range(r * size, (r + 1) * size))) for r in range(world // size)]
-    replicas = [dist.new_group(list(range(i, world, size))) for i in range(size)]
-    return Layout(mode, size, rank % size, groups[rank // size], replicas[rank % size])
+    E = size if mode == "ep" else ep_size
+    H, R = size // E, world // size
+
+    def groups(key):  # one process group of the ranks r P + h E + e for each value of key(r, h, e)
+        members = {}
+        for r in range(R):
+            for h in range(H):
+                for e in range(E):
+                    members.setdefault(key(r, h, e), []).append(r * size + h * E + e)
+        return {k: dist.new_group(ranks) for k, ranks in members.items()}
+    r, h, e = rank // size, rank % size // E, rank % E
+    return Layout(mode, H, E, h, e, head_group=groups(lambda r, h, e: (r, e))[r, e],
+                  expert_group=groups(lambda r, h, e: (r, h))[r, h], replicas=groups(lambda r, h, e: (h, e))[h, e],
+                  head_replicas=groups(lambda r, h, e: h)[h])
 
 
-def check_layout(mode, size, world, config):
-    """Fail before anything is allocated if P ranks cannot split this model."""
+def check_layout(mode, size, world, config, ep_size=1):
+    """Fail before anything is allocated if P ranks (E of them for the experts) cannot split this model."""
     if mode not in ("dp", "ep", "hp"):
         raise SystemExit(f"train.py: --parallel={mode!r} is unknown; choose dp, ep or hp")
+    if ep_size != 1 and mode != "hp":
+        raise SystemExit(f"train.py: --ep_size={ep_size} applies to --parallel=hp (Head Parallel x Expert "
+                         f"Parallel); --parallel=ep already spreads the experts over all P ranks: drop --ep_size")
     if mode == "dp":
         return
     if size < 1 or world % size:
@@ -166,9 +195,15 @@ def check_layout(mode, size, world, config):
     if mode == "hp" and config.ffn != "mh_latent_moe":
         raise SystemExit(f"train.py: --parallel=hp needs ffn=mh_latent_moe (independent heads); "
                          f"ffn={config.ffn!r} has one expert set per layer: use --parallel=ep")
-    if mode == "hp" and config.moe_heads % size:
-        raise SystemExit(f"train.py: --parallel=hp over P={size} ranks needs P to divide "
-                         f"moe_heads={config.moe_heads}; change moe_heads or --parallel_size")
+    if mode == "hp" and (ep_size < 1 or size % ep_size):
+        raise SystemExit(f"train.py: --ep_size={ep_size} must divide --parallel_size P={size}")
+    if mode == "hp" and config.moe_heads % (size // ep_size):
+        raise SystemExit(f"train.py: --parallel=hp over P={size} ranks, {size // ep_size} for the heads "
+                         f"(P / ep_size), needs them to divide moe_heads={config.moe_heads}; change moe_heads, "
+                         f"--parallel_size or --ep_size")
+    if mode == "hp" and config.n_expert % ep_size:
+        raise SystemExit(f"train.py: --ep_size={ep_size} must divide n_expert={config.n_expert}; "
+                         f"change n_expert or --ep_size")
     if mode == "ep" and not config.is_moe:
         raise SystemExit("train.py: --parallel=ep needs a MoE ffn; ffn='mlp' has no experts: use dp")
     if mode == "ep" and config.n_expert % size:
@@ -177,53 +212,67 @@ def check_layout(mode, size, world, config):
 
 
 def shard_model(model, layout):
-    """Keep this rank's expert shard of every MoE layer; remember its dim for the checkpoints."""
+    """
+    Keep this rank's shard of every MoE layer; remember, for the checkpoints, the dims along
+    which it was split: (heads dim, experts dim), None where it was not.
+    """
     from model import MultiHeadLatentMoE, RoutedExperts
     for name, m in model.named_modules():
         if isinstance(m, MultiHeadLatentMoE) and layout.mode == "hp":
-            m.head_parallel = HeadParallel(layout, m.moe_heads)
-            sharded = {"router": 0, "w1": 0, "w2": 0, "route_bias": 0, "load": 0}  # the heads
+            m.head_parallel = HeadParallel(layout.head_group, layout.heads, m.moe_heads)
+            if layout.experts > 1:
+                m.experts.expert_parallel = ExpertParallel(layout.expert_group, layout.experts,
+                                                           m.experts.n_expert // layout.experts)
+            # the heads; of each head, its experts (HP x EP); the routers go with their heads
+            sharded = {"router": (0, None), "w1": (0, 1), "w2": (0, 1), "route_bias": (0, None), "load": (0, None)}
         elif isinstance(m, RoutedExperts) and layout.mode == "ep":
-            m.expert_parallel = ExpertParallel(layout, m.n_expert // layout.size)
-            sharded = {"w1": 1, "w2": 1}  # the experts; routers stay whole and replicated
+            m.expert_parallel = ExpertParallel(layout.expert_group, layout.experts, m.n_expert // layout.experts)
+            sharded = {"w1": (None, 1), "w2": (None, 1)}  # the experts; routers stay whole and replicated
         else:
             continue
         experts = m.experts if isinstance(m, MultiHeadLatentMoE) else m
         prefix = f"{name}.experts." if isinstance(m, MultiHeadLatentMoE) else f"{name}."
-        for attr, dim in sharded.items():
-            setattr(experts, attr, take_shard(getattr(experts, attr), dim, layout))
-            getattr(experts, attr).replicas = layout.replicas
-            model.shard_dims[prefix + attr] = dim
+        for attr, dims in sharded.items():
+            setattr(experts, attr, take_shard(getattr(experts, attr), dims, layout))
+            getattr(experts, attr).replicas = layout.replicas if dims[1] is not None else layout.head_replicas
+            model.shard_dims[prefix + attr] = dims
 
 
-def take_shard(t, dim, layout):
-    piece = t.detach().chunk(layout.size, dim)[layout.index].clone()
-    return nn.Parameter(piece) if isinstance(t, nn.Parameter) else piece
+def take_shard(t, dims, layout):
+    """This rank's piece of t: heads h of H along dims[0], experts e of E along dims[1]."""
+    piece = t.detach()
+    for dim, n, i in zip(dims, (layout.heads, layout.experts), (layout.head_index, layout.expert_index)):
+        if dim is not None:
+            piece = piece.chunk(n, dim)[i]
+    return nn.Parameter(piece.clone()) if isinstance(t, nn.Parameter) else piece.clone()
 
 
 def checkpoint_mesh(layout, world, device):
-    """The (R replicas, P shards) device mesh of the layout, for the checkpoint's DTensors (collective)."""
+    """The (R replicas, H heads, E experts) device mesh of the layout, for the checkpoint's DTensors (collective)."""
     if layout.mode == "dp":
         return None
     from torch.distributed.device_mesh import init_device_mesh
-    return init_device_mesh(device.type, (world // layout.size, layout.size), mesh_dim_names=("replica", "shard"))
+    return init_device_mesh(device.type, (world // layout.size, layout.heads, layout.experts),
+                            mesh_dim_names=("replica", "head", "expert"))
 
 
 def sharded_state(model, optimizer, mesh):
     """
     The model and AdamW state as torch.distributed.checkpoint sees it. An expert shard is a
     DTensor placed on the mesh (Replicate over the data-parallel replicas, Shard along its
-    dim within a group); everything else is a plain tensor, which DCP takes as replicated
-    and writes once. The tensors are this rank's own, not copies: saving reads them, loading
-    fills them in place, and DCP reshards a checkpoint of one layout into any other.
+    heads and experts dims within a group, Replicate along a mesh dim it is not split by);
+    everything else is a plain tensor, which DCP takes as replicated and writes once. The
+    tensors are this rank's own, not copies: saving reads them, loading fills them in place,
+    and DCP reshards a checkpoint of one layout into any other.
     """
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     def place(name, t):
-        dim = model.shard_dims.get(name)
-        if dim is None or not t.dim():
+        dims = model.shard_dims.get(name)
+        if dims is None or not t.dim():
             return t
-        return DTensor.from_local(t, mesh, [Replicate(), Shard(dim)], run_check=False)
+        placements = [Replicate()] + [Replicate() if d is None else Shard(d) for d in dims]
+        return DTensor.from_local(t, mesh, placements, run_check=False)
     return {"model": {n: place(n, t) for n, t in model.state_dict().items()},
             "optimizer": {n: {key: place(n, v) for key, v in optimizer.state[p].items()}
                           for n, p in model.named_parameters()}}
@@ -250,31 +299,31 @@ class AllToAll(torch.autograd.Function):
 class HeadParallel:
     """Sec. 3.2: the all-to-all moves before routing; its splits are static and equal."""
 
-    def __init__(self, layout, moe_heads):
-        self.layout, self.moe_heads = layout, moe_heads
+    def __init__(self, group, size, moe_heads):
+        self.group, self.size, self.moe_heads = group, size, moe_heads  # the P (or H, under HP x EP) ranks
         self.splits = None  # the last exchange's splits (rows per peer), kept for inspection
 
     def dispatch(self, sub):
         """(N, G*N_h, d_h), this rank's tokens -> (P*N, G*N_h/P, d_h), its heads of every rank's tokens."""
-        P, (N, _, dim) = self.layout.size, sub.shape
+        P, (N, _, dim) = self.size, sub.shape
         # rank p owns heads [p N_h/P, (p+1) N_h/P) of each of the G groups (sub-tokens, routing tokens)
         parts = sub.view(N, -1, P, self.moe_heads // P, dim).permute(2, 0, 1, 3, 4)  # (P, N, G, N_h/P, d_h)
         self.splits = [N] * P
-        out = AllToAll.apply(parts.reshape(P * N, -1, dim), self.splits, self.splits, self.layout.group)
+        out = AllToAll.apply(parts.reshape(P * N, -1, dim), self.splits, self.splits, self.group)
         return out  # rows: rank 0's tokens, rank 1's tokens, ...
 
     def combine(self, y):
         """(P*N, N_h/P, d_h) -> (N, N_h, d_h): every head's output for this rank's tokens."""
-        P, dim = self.layout.size, y.size(-1)
-        out = AllToAll.apply(y, self.splits, self.splits, self.layout.group)  # block q: heads of rank q
+        P, dim = self.size, y.size(-1)
+        out = AllToAll.apply(y, self.splits, self.splits, self.group)  # block q: heads of rank q
         return out.view(P, -1, y.size(1), dim).transpose(0, 1).reshape(-1, P * y.size(1), dim)
 
 
 class ExpertParallel:
     """Sec. 2.3: dispatch k copies of each (sub-)token to the ranks owning the chosen experts."""
 
-    def __init__(self, layout, local_experts):
-        self.layout, self.local_experts = layout, local_experts
+    def __init__(self, group, size, local_experts):
+        self.group, self.size, self.local_experts = group, size, local_experts  # the P (or E) ranks
         self.splits = None  # (sent, received) rows per peer of the last exchange
 
     def __call__(self, x, idx, gates, w1, w2, kernel="fused"):
@@ -289,10 +338,10 @@ class ExpertParallel:
         """Send each (token, set, slot) pair's sub-token to its expert's owner; returns the received
         rows and their expert in the owner's flat list of S * N_e/P experts."""
         N, S, dim = x.shape
-        k, E, group = idx.size(-1), self.local_experts, self.layout.group
+        k, E, group = idx.size(-1), self.local_experts, self.group
         owner = (idx // E).flatten()
         self.order = torch.argsort(owner, stable=True)
-        send = torch.bincount(owner, minlength=self.layout.size)
+        send = torch.bincount(owner, minlength=self.size)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=group)  # the metadata exchange HP does without
         self.splits = (send.tolist(), recv.tolist())
@@ -305,5 +354,5 @@ class ExpertParallel:
 
     def combine(self, y_recv, gates):
         """Return the experts' outputs to their tokens; sum them weighted by the gates (Eq. 1)."""
-        y = AllToAll.apply(y_recv, self.splits[0], self.splits[1], self.layout.group)
+        y = AllToAll.apply(y_recv, self.splits[0], self.splits[1], self.group)
         return kernels.uncluster(y, self.order, gates)

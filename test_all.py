@@ -876,7 +876,7 @@ def test_flex_expert_gradients_match_fp64_on_gpu(shape):
 PAR = dict(SMALL, moe_heads=4, n_expert=8, topk=3)
 
 
-def parallel_worker(rank, world, mode, size, skew, store, backend="gloo", ffn=None):
+def parallel_worker(rank, world, mode, size, skew, store, backend="gloo", ffn=None, ep_size=1):
     import torch.distributed as dist
     from contextlib import nullcontext
     torch.set_num_threads(1)
@@ -900,7 +900,7 @@ def parallel_worker(rank, world, mode, size, skew, store, backend="gloo", ffn=No
     with autocast:
         ref_loss = reference(x[:, :-1], x[:, 1:])[1]
     ref_loss.backward()
-    layout = parallel.make_layout(mode, size, rank, world)
+    layout = parallel.make_layout(mode, size, rank, world, ep_size)
     parallel.shard_model(model, layout)
     mine = x[2 * rank:2 * rank + 2]
     with autocast:
@@ -911,17 +911,17 @@ def parallel_worker(rank, world, mode, size, skew, store, backend="gloo", ffn=No
     ref_grads = dict(reference.named_parameters())
     for name, p in model.named_parameters():
         want = ref_grads[name].grad
-        dim = model.shard_dims.get(name)
-        if dim is not None:
-            want = want.chunk(layout.size, dim)[layout.index]
+        dims = model.shard_dims.get(name)
+        if dims is not None:
+            want = parallel.take_shard(want, dims, layout)
         err = (torch.linalg.norm(p.grad - want) / torch.linalg.norm(want).clamp_min(1e-30)).item()
         assert err < rtol, (name, err)
     for m in model.modules():
-        ex = getattr(m, "head_parallel", None) or getattr(m, "expert_parallel", None)
-        if mode == "hp" and ex is not None:  # static, equal and routing-independent: N rows to each peer
-            assert ex.splits == [2 * config.block_size] * size
-        if mode == "ep" and ex is not None and skew:  # EP's traffic follows the routing
-            assert max(ex.splits[0]) > 2 * min(ex.splits[0]), ex.splits
+        hp, ep = getattr(m, "head_parallel", None), getattr(m, "expert_parallel", None)
+        if hp is not None:  # static, equal and routing-independent: N rows to each peer
+            assert hp.splits == [2 * config.block_size] * layout.heads
+        if ep is not None and skew:  # EP's traffic follows the routing: some ranks get no pair
+            assert min(ep.splits[1]) == 0 or min(ep.splits[0]) < max(ep.splits[0]) / 2, ep.splits
     dist.destroy_process_group()
 
 
@@ -963,6 +963,16 @@ def test_head_parallel_with_data_parallel_replicas_equals_one_process(skew):
         torch.multiprocessing.spawn(parallel_worker, args=(4, "hp", 2, skew, store), nprocs=4)
 
 
+@pytest.mark.parametrize("world,skew", [(4, False), (4, True), (8, False)])
+def test_head_parallel_times_expert_parallel_equals_one_process(world, skew):
+    # HP 2 x EP 2: heads over 2 ranks, each head's 8 experts over 2; at 8 ranks, 2 data-parallel
+    # replicas of that. Skewed, every token picks experts 1-3, of expert shard 0: the ranks of
+    # shard 1 receive no pair
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        torch.multiprocessing.spawn(parallel_worker, args=(world, "hp", 4, skew, store, "gloo", None, 2), nprocs=world)
+
+
 @pytest.mark.parametrize("mode", ["hp", "ep"])
 def test_parallel_training_run_equals_one_rank(corpus, tmp_path, mode):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
@@ -992,6 +1002,18 @@ def test_checkpoints_reshard_from_head_parallel_4_to_2_to_one_process(corpus, tm
     np.testing.assert_allclose(losses(one), losses(four)[4:], rtol=1e-5)
 
 
+def test_head_parallel_times_expert_parallel_checkpoint_resumes_on_one_rank_and_on_hp_4(corpus, tmp_path):
+    # written by HP 2 x EP 2 (every expert shard split two ways), read back whole by one
+    # process and by HP 4 (each head whole on one rank): both continue with the same losses
+    kw = dict(max_steps=4, ckpt_interval=2, keep_last_n=5, **PAR)
+    both, one, hp4 = (str(tmp_path / n) for n in ("both", "one", "hp4"))
+    torchrun(4, run_args(corpus, both, batch_size=1, parallel="hp", ep_size=2, **kw))
+    for out, ranks, layout in ((one, 1, {}), (hp4, 4, {"parallel": "hp"})):
+        shutil.copytree(os.path.join(both, "ckpt_00000002"), os.path.join(out, "ckpt_00000002"))
+        torchrun(ranks, run_args(corpus, out, batch_size=4 // ranks, resume="auto", **layout, **kw))
+        np.testing.assert_allclose(losses(out), losses(both)[2:], rtol=1e-5)
+
+
 def test_checkpoint_from_two_data_parallel_ranks_resumes_on_one(corpus, tmp_path):
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
     kw = dict(max_steps=4, ckpt_interval=2, keep_last_n=5)
@@ -1008,11 +1030,16 @@ def test_checkpoint_from_two_data_parallel_ranks_resumes_on_one(corpus, tmp_path
     ("ep", 2, 2, {"ffn": "mlp"}, ["ffn='mlp'", "use dp"]),
     ("hp", 3, 4, {}, ["--parallel_size=3", "world size 4"]),
     ("tp", 2, 2, {}, ["--parallel='tp'"]),
+    ("ep", 4, 4, {"ep_size": 2}, ["--ep_size=2 applies to --parallel=hp"]),
+    ("hp", 4, 4, {"ep_size": 3}, ["--ep_size=3 must divide --parallel_size P=4"]),
+    ("hp", 8, 8, {"ep_size": 1}, ["P=8", "8 for the heads", "moe_heads=4"]),
+    ("hp", 4, 4, {"ep_size": 4, "n_expert": 6}, ["--ep_size=4 must divide n_expert=6"]),
 ])
 def test_bad_parallel_setup_is_named(mode, size, world, kw, words):
+    ep_size = kw.pop("ep_size", 1)
     config = small_config(**{**PAR, "ffn": "mh_latent_moe", **kw})
     with pytest.raises(SystemExit) as e:
-        parallel.check_layout(mode, size, world, config)
+        parallel.check_layout(mode, size, world, config, ep_size)
     for w in words:
         assert w in str(e.value)
 

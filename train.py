@@ -56,8 +56,9 @@ DEFAULTS = dict(
     # system
     device="auto", compile=False, seed=1337, peak_tflops=989.0,  # peak for MFU: H100 dense bf16
     # parallelism: "dp" data parallel only; "ep" expert or "hp" head parallel over parallel_size
-    # ranks (0: all of them) times data parallel over the rest
-    parallel="dp", parallel_size=0,
+    # ranks (0: all of them) times data parallel over the rest; with "hp", ep_size > 1 splits
+    # each head's experts over ep_size of those ranks (HP x EP), the heads over the others
+    parallel="dp", parallel_size=0, ep_size=1,
 )
 
 
@@ -549,9 +550,9 @@ def main(argv, on_step=None):
         torch.use_deterministic_algorithms(True, warn_only=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     size = a["parallel_size"] or world
-    parallel.check_layout(a["parallel"], size, world, config)
+    parallel.check_layout(a["parallel"], size, world, config, a["ep_size"])
     rank, world, device = parallel.init_distributed(a["device"])
-    layout = parallel.make_layout(a["parallel"], size, rank, world)
+    layout = parallel.make_layout(a["parallel"], size, rank, world, a["ep_size"])
     master = rank == 0
     torch.manual_seed(a["seed"])
     steps_tokens = a["batch_size"] * config.block_size * world
@@ -607,7 +608,9 @@ def main(argv, on_step=None):
         with open(os.path.join(a["out_dir"], "config.json"), "w") as f:
             json.dump(run_config, f, indent=1)
         print(f"parameters: {active / 1e6:.1f}M active / {total / 1e6:.1f}M total | world {world} | "
-              f"{layout.mode} over {layout.size} rank(s) | "
+              f"{layout.mode} over {layout.size} rank(s)"
+              + (f" ({layout.heads} for the heads x {layout.experts} for the experts)" if layout.mode == "hp" and layout.experts > 1 else "")
+              + " | "
               f"{accum} micro-batches of {a['batch_size']}x{config.block_size} per rank per step | "
               + (f"validation on {val_batches * steps_tokens:,} tokens" if val_data else "no validation"))
     forward = torch.compile(model) if a["compile"] else model
