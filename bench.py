@@ -320,6 +320,34 @@ def kernel_part(name):
     return next((part for part, pattern in STEP_PARTS if re.search(pattern, name.lower())), "other")
 
 
+def merged(intervals):
+    """The union of (start, end) intervals, as sorted disjoint ones."""
+    out = []
+    for start, end in sorted(intervals):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return out
+
+
+def device_timeline(events):
+    """(ms in which any kernel ran, ms in which an all-to-all ran beside another kernel) of profiled events."""
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    spans = [(e.time_range.start, e.time_range.end) for e in kernels]
+    exchange = merged(s for s, e in zip(spans, kernels) if kernel_part(e.name) == "all-to-all")
+    compute = merged(s for s, e in zip(spans, kernels) if kernel_part(e.name) != "all-to-all")
+    beside, i = 0.0, 0
+    for start, end in exchange:  # the length of exchange intersected with compute, by a sweep
+        while i < len(compute) and compute[i][1] <= start:
+            i += 1
+        j = i
+        while j < len(compute) and compute[j][0] < end:
+            beside += min(end, compute[j][1]) - max(start, compute[j][0])
+            j += 1
+    return sum(e - s for s, e in merged(spans)) / 1e3, beside / 1e3
+
+
 def step_split(kernel_times):
     """{part: ms} from {kernel name: ms}."""
     split = {part: 0.0 for part, _ in STEP_PARTS} | {"other": 0.0}
@@ -378,7 +406,7 @@ def bench_e2e(argv):
     tps = a["batch_tokens"] / ms * 1e3
     with torch.device("meta"):
         flops = GPT(config).flops_per_token()
-    fields = {f.name for f in dataclasses.fields(config)} | {"parallel_size", "ep_size"}  # what tells rows apart
+    fields = {f.name for f in dataclasses.fields(config)} | {"parallel_size", "ep_size", "overlap"}  # what tells rows apart
     changed = [arg.removeprefix("--") for arg in rest if arg.removeprefix("--").partition("=")[0] in fields]
     row = {"model": " ".join([a["preset"] or config.ffn] + changed), "parallel": a["parallel"], "GPUs": world,
            "routing": routing,
@@ -390,9 +418,10 @@ def bench_e2e(argv):
     if prof is not None:
         kernel_times = {e.key: e.self_device_time_total / 1e3 for e in prof.key_averages()
                         if e.device_type == torch.autograd.DeviceType.CUDA}
-        split = step_split(kernel_times)
-        row.update({f"{part} ms": v for part, v in split.items()})
-        row["device idle %"] = 100 * max(0.0, 1 - sum(split.values()) / ms)  # the step minus its kernels' time
+        row.update({f"{part} ms": v for part, v in step_split(kernel_times).items()})
+        busy, beside = device_timeline(prof.events())
+        row["device idle %"] = 100 * max(0.0, 1 - busy / ms)  # the step minus the time any kernel ran
+        row["exchange beside compute ms"] = beside
         print("longest kernels of the profiled step (ms), by part:")
         for name, v in sorted(kernel_times.items(), key=lambda kv: -kv[1])[:30]:
             print(f"  {v:9.2f}  {kernel_part(name):10s}  {name[:110]}")
@@ -404,7 +433,7 @@ def bench_e2e(argv):
 
 
 E2E_COLUMNS = (["model", "parallel", "GPUs", "routing", "global batch", "step ms", "tokens/s", "MFU %", "peak GiB",
-                "load max/mean"] + [f"{part} ms" for part, _ in STEP_PARTS] + ["other ms", "device idle %"])
+                "load max/mean"] + [f"{part} ms" for part, _ in STEP_PARTS] + ["other ms", "device idle %", "exchange beside compute ms"])
 
 
 def throughput_bars(rows, path):

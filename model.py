@@ -329,17 +329,24 @@ class MultiHeadLatentMoE(nn.Module):
         self.w_out = nn.Linear(c.moe_heads * c.moe_head_dim, c.n_embd, bias=False)
         self.w_out.weight.is_output_projection = True
         self.head_parallel = None  # parallel.HeadParallel when heads are spread over ranks (Sec. 3.2)
+        self.overlap = False       # under HP: two halves, each one's exchanges beside the other's experts
 
     def forward(self, x):
         B, T, C = x.size()
         sub = self.w_in(x).view(B * T, -1, self.moe_head_dim)  # Eq. 5: (B*T, N_h or 2 N_h, d_h)
-        if self.head_parallel is not None:
-            sub = self.head_parallel.dispatch(sub)
-        x_sub, x_route = sub.chunk(2, dim=1) if self.separate_routing_tokens else (sub, None)
-        y = self.experts(x_sub, x_route)  # (B*T, N_h, d_h)
-        if self.head_parallel is not None:
-            y = self.head_parallel.combine(y)
+        hp = self.head_parallel
+        if hp is None:
+            y = self.route(sub)  # (B*T, N_h, d_h)
+        else:  # the halves' exchanges are started first, so that each runs while the other half computes
+            sent = [hp.start_dispatch(half) for half in (sub.chunk(2) if self.overlap else (sub,))]
+            returned = [hp.start_combine(self.route(hp.finish_dispatch(s))) for s in sent]
+            y = torch.cat([hp.finish_combine(r) for r in returned])
         return self.w_out(y.reshape(B, T, -1))  # Eq. 6
+
+    def route(self, sub):
+        """The heads' independent MoEs on sub-tokens (N, N_h or 2 N_h, d_h) -> (N, N_h, d_h)."""
+        x_sub, x_route = sub.chunk(2, dim=1) if self.separate_routing_tokens else (sub, None)
+        return self.experts(x_sub, x_route)
 
 
 FFN_CLASSES = {"mlp": MLP, "moe": MoE, "latent_moe": LatentMoE, "mh_moe": MHMoE,

@@ -211,15 +211,17 @@ def check_layout(mode, size, world, config, ep_size=1):
                          f"n_expert={config.n_expert}; change n_expert or --parallel_size")
 
 
-def shard_model(model, layout):
+def shard_model(model, layout, overlap=False):
     """
     Keep this rank's shard of every MoE layer; remember, for the checkpoints, the dims along
-    which it was split: (heads dim, experts dim), None where it was not.
+    which it was split: (heads dim, experts dim), None where it was not. overlap: under HP,
+    each micro-batch's halves exchange while the other half computes.
     """
     from model import MultiHeadLatentMoE, RoutedExperts
     for name, m in model.named_modules():
         if isinstance(m, MultiHeadLatentMoE) and layout.mode == "hp":
             m.head_parallel = HeadParallel(layout.head_group, layout.heads, m.moe_heads)
+            m.overlap = overlap
             if layout.experts > 1:
                 m.experts.expert_parallel = ExpertParallel(layout.expert_group, layout.experts,
                                                            m.experts.n_expert // layout.experts)
@@ -281,42 +283,92 @@ def sharded_state(model, optimizer, mesh):
 # -----------------------------------------------------------------------------
 # All-to-all with autograd: the backward pass is the same exchange, reversed
 
-class AllToAll(torch.autograd.Function):
+class Exchange:
+    """
+    An all-to-all started now and awaited by result(), so that work queued between the two
+    runs while it is in flight (async_op: the host never waits, the device stream waits
+    only at result()). Its backward is the reverse exchange, started as soon as the
+    gradient of the result exists and awaited only where the gradient of x is needed.
+    """
+
+    def __init__(self, x, out_splits, in_splits, group):
+        self.splits, self.group = (out_splits, in_splits), group
+        self.out = ExchangeStart.apply(x, self)
+
+    def result(self):
+        return ExchangeWait.apply(self.out, self)
+
+    def start(self, x, splits):
+        out = x.new_empty((sum(splits[0]), *x.shape[1:]))
+        work = dist.all_to_all_single(out, x.contiguous(), splits[0], splits[1], group=self.group, async_op=True)
+        return out, work
+
+
+class ExchangeStart(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):
-        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
-        out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    def forward(ctx, x, exchange):
+        ctx.exchange = exchange
+        out, exchange.work = exchange.start(x, exchange.splits)
         return out
 
     @staticmethod
+    def backward(ctx, _):  # the reverse exchange, started by ExchangeWait.backward, is awaited here
+        ctx.exchange.grad_work.wait()
+        return ctx.exchange.grad_x, None
+
+
+class ExchangeWait(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out, exchange):
+        ctx.exchange = exchange
+        exchange.work.wait()
+        return out.view_as(out)
+
+    @staticmethod
     def backward(ctx, grad):
-        out = grad.new_empty((sum(ctx.in_splits), *grad.shape[1:]))
-        dist.all_to_all_single(out, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
-        return out, None, None, None
+        e = ctx.exchange
+        e.grad_x, e.grad_work = e.start(grad, e.splits[::-1])
+        return grad, None  # passed on to ExchangeStart.backward, which returns grad_x instead
 
 
 class HeadParallel:
-    """Sec. 3.2: the all-to-all moves before routing; its splits are static and equal."""
+    """
+    Sec. 3.2: the all-to-all moves before routing; its splits are static and equal.
+    Each exchange is started by one call and finished by another, so that a caller can
+    compute on one part of a micro-batch while another part's exchange runs.
+    """
 
     def __init__(self, group, size, moe_heads):
         self.group, self.size, self.moe_heads = group, size, moe_heads  # the P (or H, under HP x EP) ranks
         self.splits = None  # the last exchange's splits (rows per peer), kept for inspection
 
-    def dispatch(self, sub):
-        """(N, G*N_h, d_h), this rank's tokens -> (P*N, G*N_h/P, d_h), its heads of every rank's tokens."""
+    def start_dispatch(self, sub):
+        """Starts sending (N, G*N_h, d_h), this rank's tokens, to the heads' ranks; finish_dispatch
+        gives (P*N, G*N_h/P, d_h), its heads of every rank's tokens (rows: rank 0's, rank 1's, ...)."""
         P, (N, _, dim) = self.size, sub.shape
         # rank p owns heads [p N_h/P, (p+1) N_h/P) of each of the G groups (sub-tokens, routing tokens)
         parts = sub.view(N, -1, P, self.moe_heads // P, dim).permute(2, 0, 1, 3, 4)  # (P, N, G, N_h/P, d_h)
         self.splits = [N] * P
-        out = AllToAll.apply(parts.reshape(P * N, -1, dim), self.splits, self.splits, self.group)
-        return out  # rows: rank 0's tokens, rank 1's tokens, ...
+        return Exchange(parts.reshape(P * N, -1, dim), self.splits, self.splits, self.group)
+
+    def finish_dispatch(self, exchange):
+        return exchange.result()
+
+    def start_combine(self, y):
+        """Starts returning (P*N, N_h/P, d_h), the heads' outputs, to their tokens' ranks."""
+        splits = [y.size(0) // self.size] * self.size
+        return Exchange(y, splits, splits, self.group)
+
+    def finish_combine(self, exchange):
+        """(N, N_h, d_h): every head's output for this rank's tokens."""
+        out = exchange.result()  # block q: heads of rank q
+        return out.view(self.size, -1, *out.shape[1:]).transpose(0, 1).reshape(-1, self.size * out.size(1), out.size(2))
+
+    def dispatch(self, sub):
+        return self.finish_dispatch(self.start_dispatch(sub))
 
     def combine(self, y):
-        """(P*N, N_h/P, d_h) -> (N, N_h, d_h): every head's output for this rank's tokens."""
-        P, dim = self.size, y.size(-1)
-        out = AllToAll.apply(y, self.splits, self.splits, self.group)  # block q: heads of rank q
-        return out.view(P, -1, y.size(1), dim).transpose(0, 1).reshape(-1, P * y.size(1), dim)
+        return self.finish_combine(self.start_combine(y))
 
 
 class ExpertParallel:
@@ -349,10 +401,10 @@ class ExpertParallel:
         local = (rows % S) * E + idx.flatten()[self.order] % E
         local_recv = local.new_empty(sum(self.splits[1]))
         dist.all_to_all_single(local_recv, local, self.splits[1], self.splits[0], group=group)
-        x_recv = AllToAll.apply(x.reshape(N * S, dim)[rows], self.splits[1], self.splits[0], group)
+        x_recv = Exchange(x.reshape(N * S, dim)[rows], self.splits[1], self.splits[0], group).result()
         return x_recv, local_recv
 
     def combine(self, y_recv, gates):
         """Return the experts' outputs to their tokens; sum them weighted by the gates (Eq. 1)."""
-        y = AllToAll.apply(y_recv, self.splits[0], self.splits[1], self.group)
+        y = Exchange(y_recv, self.splits[0], self.splits[1], self.group).result()
         return kernels.uncluster(y, self.order, gates)

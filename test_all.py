@@ -876,7 +876,7 @@ def test_flex_expert_gradients_match_fp64_on_gpu(shape):
 PAR = dict(SMALL, moe_heads=4, n_expert=8, topk=3)
 
 
-def parallel_worker(rank, world, mode, size, skew, store, backend="gloo", ffn=None, ep_size=1):
+def parallel_worker(rank, world, mode, size, skew, store, backend="gloo", ffn=None, ep_size=1, overlap=False):
     import torch.distributed as dist
     from contextlib import nullcontext
     torch.set_num_threads(1)
@@ -901,7 +901,7 @@ def parallel_worker(rank, world, mode, size, skew, store, backend="gloo", ffn=No
         ref_loss = reference(x[:, :-1], x[:, 1:])[1]
     ref_loss.backward()
     layout = parallel.make_layout(mode, size, rank, world, ep_size)
-    parallel.shard_model(model, layout)
+    parallel.shard_model(model, layout, overlap)
     mine = x[2 * rank:2 * rank + 2]
     with autocast:
         loss = model(mine[:, :-1], mine[:, 1:])[1]
@@ -918,8 +918,8 @@ def parallel_worker(rank, world, mode, size, skew, store, backend="gloo", ffn=No
         assert err < rtol, (name, err)
     for m in model.modules():
         hp, ep = getattr(m, "head_parallel", None), getattr(m, "expert_parallel", None)
-        if hp is not None:  # static, equal and routing-independent: N rows to each peer
-            assert hp.splits == [2 * config.block_size] * layout.heads
+        if hp is not None:  # static, equal and routing-independent: N rows (of a half: N / 2) to each peer
+            assert hp.splits == [2 * config.block_size // (2 if overlap else 1)] * layout.heads
         if ep is not None and skew:  # EP's traffic follows the routing: some ranks get no pair
             assert min(ep.splits[1]) == 0 or min(ep.splits[0]) < max(ep.splits[0]) / 2, ep.splits
     dist.destroy_process_group()
@@ -941,12 +941,15 @@ def test_expert_parallel_survives_ranks_that_receive_no_pair(ffn):
                                     nprocs=4)
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs 2 GPUs")
-@pytest.mark.parametrize("mode", ["hp", "ep"])
-def test_parallel_equals_one_process_under_nccl_in_bf16(mode):
+@pytest.mark.parametrize("mode,world,ep_size,overlap", [("hp", 2, 1, False), ("ep", 2, 1, False), ("hp", 2, 1, True),
+                                                       ("hp", 4, 2, False), ("hp", 4, 2, True)])
+def test_parallel_equals_one_process_under_nccl_in_bf16(mode, world, ep_size, overlap):
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"NCCL at {world} ranks needs {world} GPUs")
     with tempfile.TemporaryDirectory() as tmp:
-        torch.multiprocessing.spawn(parallel_worker, args=(2, mode, 2, False, os.path.join(tmp, "store"), "nccl"),
-                                    nprocs=2)
+        store = os.path.join(tmp, "store")
+        torch.multiprocessing.spawn(parallel_worker, args=(world, mode, world, False, store, "nccl", None, ep_size,
+                                                           overlap), nprocs=world)
 
 
 @pytest.mark.parametrize("ffn", ["latent_moe", "mh_latent_moe"])
@@ -963,14 +966,25 @@ def test_head_parallel_with_data_parallel_replicas_equals_one_process(skew):
         torch.multiprocessing.spawn(parallel_worker, args=(4, "hp", 2, skew, store), nprocs=4)
 
 
-@pytest.mark.parametrize("world,skew", [(4, False), (4, True), (8, False)])
-def test_head_parallel_times_expert_parallel_equals_one_process(world, skew):
+@pytest.mark.parametrize("world,skew,overlap", [(4, False, False), (4, True, True), (8, False, False)])
+def test_head_parallel_times_expert_parallel_equals_one_process(world, skew, overlap):
     # HP 2 x EP 2: heads over 2 ranks, each head's 8 experts over 2; at 8 ranks, 2 data-parallel
     # replicas of that. Skewed, every token picks experts 1-3, of expert shard 0: the ranks of
     # shard 1 receive no pair
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        torch.multiprocessing.spawn(parallel_worker, args=(world, "hp", 4, skew, store, "gloo", None, 2), nprocs=world)
+        torch.multiprocessing.spawn(parallel_worker, args=(world, "hp", 4, skew, store, "gloo", None, 2, overlap),
+                                    nprocs=world)
+
+
+@pytest.mark.parametrize("world,size,skew", [(4, 4, False), (4, 2, True)])
+def test_head_parallel_with_overlapped_halves_equals_one_process(world, size, skew):
+    # each micro-batch's two halves: one's all-to-alls in flight while the other's experts run,
+    # forward and backward; at 4 ranks of HP 2 also across data-parallel replicas
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        torch.multiprocessing.spawn(parallel_worker, args=(world, "hp", size, skew, store, "gloo", None, 1, True),
+                                    nprocs=world)
 
 
 @pytest.mark.parametrize("mode", ["hp", "ep"])
@@ -1215,12 +1229,24 @@ def test_deterministic_runs_are_bitwise_equal(corpus, tmp_path):
     assert losses(str(tmp_path / "a")) == losses(str(tmp_path / "b"))
 
 
-def test_head_parallel_runs_are_bitwise_equal(corpus, tmp_path):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_head_parallel_runs_are_bitwise_equal(corpus, tmp_path, overlap):
     runs = [str(tmp_path / name) for name in ("a", "b")]
     for out in runs:
-        torchrun(2, run_args(corpus, out, batch_size=2, parallel="hp", **PAR))
+        torchrun(2, run_args(corpus, out, batch_size=2, parallel="hp", overlap=overlap, **PAR))
     assert losses(runs[0]) == losses(runs[1])
 
+
+def test_device_timeline_measures_busy_time_and_exchange_beside_compute():
+    from types import SimpleNamespace as Event
+
+    import bench
+    kernel = lambda name, start, end: Event(device_type=torch.autograd.DeviceType.CUDA, name=name,
+                                            time_range=Event(start=start, end=end))
+    # microseconds: exchanges at 0-100 and 140-200, compute at 50-150 (and 120-130 inside it) and 300-310
+    events = [kernel("ncclDevKernel_SendRecv", 0, 100), kernel("gemm_a", 50, 150), kernel("gemm_b", 120, 130),
+              kernel("ncclDevKernel_SendRecv", 140, 200), kernel("elementwise", 300, 310)]
+    assert bench.device_timeline(events) == pytest.approx((0.21, 0.06))
 
 
 def test_end_to_end_benchmark_reports_throughput(corpus, tmp_path, monkeypatch):

@@ -59,6 +59,7 @@ DEFAULTS = dict(
     # ranks (0: all of them) times data parallel over the rest; with "hp", ep_size > 1 splits
     # each head's experts over ep_size of those ranks (HP x EP), the heads over the others
     parallel="dp", parallel_size=0, ep_size=1,
+    overlap=False,             # hp: each micro-batch in two halves, each one's all-to-alls beside the other's experts
 )
 
 
@@ -566,7 +567,7 @@ def main(argv, on_step=None):
     active, total = model.num_params()
     for experts in model.routed_experts():  # --route_skew: nearly every token picks the same k experts
         experts.route_bias[:, :experts.topk] += a["route_skew"]
-    parallel.shard_model(model, layout)  # ... and keeps its own expert shard
+    parallel.shard_model(model, layout, a["overlap"])  # ... and keeps its own expert shard
     if device.type == "cuda":  # the whole model existed for a moment: report the memory of training
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
