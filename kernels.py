@@ -41,15 +41,22 @@ def topk_route(x, weight, bias, k):
     check_route_args(x, weight, bias, k)
     # the kernel keeps a block of sub-tokens on chip (Alg. 1 line 3), which fits up to
     # d_h = 256; a single-head MoE routing at width d has only T x N_e scores in all,
-    # N_h times fewer than the multi-head case, and takes the plain path
-    fits = weight.size(1) <= ROUTE_MAX_DIM
-    route = topk_route_triton if x.is_cuda and fits else topk_route_reference
-    return route(x, weight, bias, k)
+    # N_h times fewer than the multi-head case, and takes dense scores: bf16 inputs on
+    # tensor cores, exactly (topk_route_split), fp32 ones in fp32
+    if x.is_cuda and weight.size(1) <= ROUTE_MAX_DIM:
+        return topk_route_triton(x, weight, bias, k)
+    if x.is_cuda and x.dtype == torch.bfloat16:
+        return topk_route_split(x, weight, bias, k)
+    return topk_route_reference(x, weight, bias, k)
 
 
 def topk_route_reference(x, weight, bias, k):
     dtype = torch.promote_types(weight.dtype, torch.float32)  # fp32 at least (Sec. 2.2)
     scores = torch.einsum("...hd,hde->...he", x.to(dtype), weight.to(dtype))  # (..., N_h, N_e)
+    return top_k_unbiased(scores, bias, k)
+
+
+def top_k_unbiased(scores, bias, k):
     idx = torch.topk(scores + bias, k, dim=-1).indices  # the bias picks experts (Alg. 1 line 7) ...
     return scores.gather(-1, idx), idx                   # ... but never enters the scores (line 13)
 
@@ -253,6 +260,42 @@ class TritonRoute(torch.autograd.Function):
                 D=dim, BLOCK_D=block_d, K=k, BLOCK_N=ROUTE_DX_BLOCK_N)
             dx = dx.view(ctx.x_shape)
         return dx, dw, None, None
+
+
+def matmul_fp32(a, b):
+    """a @ b of bf16 batches of matrices, accumulated and returned in fp32 (tensor cores on a GPU)."""
+    if a.is_cuda:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()  # the same exact products, in fp32
+
+
+class SplitScores(torch.autograd.Function):
+    """
+    Dense router scores S = x W of bf16 inputs x (S, N, d) and an fp32 router W (S, d, N_e),
+    on tensor cores and exact as the Triton router's: W = hi + mid + lo in bf16 (split_bf16),
+    each bf16 product exact in fp32. dW = x^T dS splits dS likewise (exact); dX, stored in
+    bf16, takes the three part products above bf16's precision (hi hi, hi mid, mid hi).
+    """
+    @staticmethod
+    def forward(ctx, x, weight):
+        parts = split_bf16(weight)
+        ctx.save_for_backward(x, parts)
+        return sum(matmul_fp32(x, part) for part in parts.flip(0))  # the smallest first
+
+    @staticmethod
+    def backward(ctx, ds):
+        x, parts = ctx.saved_tensors
+        ds_parts = split_bf16(ds)
+        dw = sum(matmul_fp32(x.transpose(1, 2), part) for part in ds_parts.flip(0))
+        dx = sum(matmul_fp32(ds_parts[i], parts[j].transpose(1, 2)) for i, j in ((1, 0), (0, 1), (0, 0)))
+        return dx.to(x.dtype), dw
+
+
+def topk_route_split(x, weight, bias, k):
+    """Routing of wide bf16 inputs (MoE and LatentMoE route at width d): dense exact scores
+    (SplitScores), then the top-k as in the plain twin."""
+    scores = SplitScores.apply(x.reshape(-1, *x.shape[-2:]).transpose(0, 1), weight).transpose(0, 1)
+    return top_k_unbiased(scores.reshape(*x.shape[:-1], -1), bias, k)  # scores: (..., N_h, N_e)
 
 
 def topk_route_triton(x, weight, bias, k):

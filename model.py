@@ -237,14 +237,15 @@ class RoutedExperts(nn.Module):
     def forward(self, x, x_route=None):
         """x: (N, N_h, d_h) sub-tokens; x_route: the sub-tokens to route on (default x)."""
         x_route = x if x_route is None else x_route
-        with torch.autocast(x.device.type, enabled=False):  # router math in fp32 (Sec. 2.2)
+        if torch.is_autocast_enabled(x.device.type):  # inputs in bf16, as a Linear would take them,
+            dtype = torch.get_autocast_dtype(x.device.type)  # though MoE's come from RMSNorm in fp32
+            x, x_route = x.to(dtype), x_route.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):  # router math in fp32 (Sec. 2.2), exact products
             scores, idx = kernels.topk_route(x_route, self.router, self.route_bias, self.topk)
             gates = torch.softmax(scores, dim=-1)  # Eq. 2-3: softmax over the k unbiased scores
         if self.training:
             self.count_load(idx)
         ffn = kernels.expert_ffn if self.expert_parallel is None else self.expert_parallel
-        if torch.is_autocast_enabled(x.device.type):  # compute as a Linear would, in bf16, though
-            x = x.to(torch.get_autocast_dtype(x.device.type))  # MoE's x comes from RMSNorm in fp32
         return ffn(x, idx, gates.to(x.dtype), self.w1, self.w2, kernel=self.kernel)
 
     @torch.no_grad()

@@ -584,6 +584,26 @@ def test_triton_router_matches_fp64_in_experts_scores_and_gradients(k):
     torch.testing.assert_close(dw.double(), dw64, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_sets", [1, 2])
+def test_split_router_of_wide_bf16_inputs_is_exact(n_sets):
+    # MoE routes at width d (here 300, past the Triton router's 256) on bf16 inputs: the three
+    # bf16 parts of W give the fp64 scores of those inputs to fp32 rounding, and dW likewise;
+    # dX, in bf16, to bf16 precision. Only W's high part would miss scores by ~2^-9.
+    x, w, b = route_inputs(37, n_sets, 300, 50, seed=n_sets)
+    x, w = x.bfloat16().requires_grad_(), w.requires_grad_()
+    scores, idx = kernels.topk_route_split(x, w, b, 4)
+    assert_same_experts_up_to_ties(idx, x, w, b, 4)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    s64 = torch.einsum("nhd,hde->nhe", x64, w64).gather(-1, idx)
+    torch.testing.assert_close(scores.double(), s64, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(scores)
+    dx, dw = torch.autograd.grad((scores * g).sum(), (x, w))
+    dx64, dw64 = torch.autograd.grad((s64 * g.double()).sum(), (x64, w64))
+    torch.testing.assert_close(dw.double(), dw64, rtol=1e-6, atol=1e-6)
+    assert dx.dtype == torch.bfloat16
+    torch.testing.assert_close(dx.double(), dx64, rtol=1e-2, atol=1e-3)
+
+
 def router_weight_gradient_against_fp64(scores, idx, x, w):
     """The router weights' gradient for random score gradients, and the fp64 one at the same picks."""
     g = torch.randn_like(scores)
