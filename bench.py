@@ -273,7 +273,7 @@ def bench_a2a(tokens=16 * 2048, dim=1024, heads=8, n_expert=384, ks=(1, 2, 4, 8)
             idx = zipf_routing(tokens, n_expert, k, s, gen).view(tokens, 1, k).cuda()
             gates = torch.ones(tokens, 1, k, device="cuda", dtype=torch.bfloat16)
             row = {"k": k, "zipf s": s}
-            row["EP ms"], row["EP MiB"] = timed_collective(lambda: ep.combine(ep.dispatch(x, idx)[0], gates))
+            row["EP ms"], row["EP MiB"] = timed_collective(lambda: ep.combine(*ep.dispatch(x, idx), gates))
             row["HP ms"], row["HP MiB"] = timed_collective(lambda: hp.combine(hp.dispatch(sub)))
             row["EP rows to busiest rank"] = max(ep.splits[1]) if rank == 0 else None
             row["HP / EP time"] = row["HP ms"] / row["EP ms"]

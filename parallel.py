@@ -214,8 +214,8 @@ def check_layout(mode, size, world, config, ep_size=1):
 def shard_model(model, layout, overlap=False):
     """
     Keep this rank's shard of every MoE layer; remember, for the checkpoints, the dims along
-    which it was split: (heads dim, experts dim), None where it was not. overlap: under HP,
-    each micro-batch's halves exchange while the other half computes.
+    which it was split: (heads dim, experts dim), None where it was not. overlap: under HP
+    or EP, each micro-batch's halves exchange while the other half computes.
     """
     from model import MultiHeadLatentMoE, RoutedExperts
     for name, m in model.named_modules():
@@ -229,6 +229,7 @@ def shard_model(model, layout, overlap=False):
             sharded = {"router": (0, None), "w1": (0, 1), "w2": (0, 1), "route_bias": (0, None), "load": (0, None)}
         elif isinstance(m, RoutedExperts) and layout.mode == "ep":
             m.expert_parallel = ExpertParallel(layout.expert_group, layout.experts, m.n_expert // layout.experts)
+            m.expert_parallel.overlap = overlap
             sharded = {"w1": (None, 1), "w2": (None, 1)}  # the experts; routers stay whole and replicated
         else:
             continue
@@ -371,40 +372,72 @@ class HeadParallel:
         return self.finish_combine(self.start_combine(y))
 
 
+@dataclass
+class Dispatch:
+    """Where one EP exchange sends each (token, set, slot) pair, and what it receives."""
+    order: torch.Tensor  # the pairs (flat indices into (N, S, k)) sorted by the rank owning their expert
+    splits: tuple        # rows per peer, (sent, received)
+    local: torch.Tensor  # the received rows' experts in this rank's flat list of S * N_e/P
+    k: int
+
+
 class ExpertParallel:
-    """Sec. 2.3: dispatch k copies of each (sub-)token to the ranks owning the chosen experts."""
+    """
+    Sec. 2.3: dispatch k copies of each (sub-)token to the ranks owning the chosen experts.
+    With overlap, a micro-batch's two halves exchange their metadata first (the host waits
+    for it), then each half's experts run while the other half's exchange is in flight.
+    """
 
     def __init__(self, group, size, local_experts):
         self.group, self.size, self.local_experts = group, size, local_experts  # the P (or E) ranks
-        self.splits = None  # (sent, received) rows per peer of the last exchange
+        self.overlap = False
+        self.splits = None  # (sent, received) rows per peer of the last exchange, kept for inspection
 
     def __call__(self, x, idx, gates, w1, w2, kernel="fused"):
         # x: (N, S, d_h); idx, gates: (N, S, k); w1, w2: (S, N_e/P, d_e, d_h), this rank's experts
-        x_recv, local = self.dispatch(x, idx)
-        ones = torch.ones(len(local), 1, 1, device=x.device, dtype=x.dtype)
-        y = kernels.expert_ffn(x_recv[:, None], local.view(-1, 1, 1), ones,  # experts of all S sets
-                               w1.reshape(1, -1, *w1.shape[2:]), w2.reshape(1, -1, *w2.shape[2:]), kernel)
-        return self.combine(y[:, 0], gates)
+        halves = list(zip(*(t.chunk(2) for t in (x, idx, gates)))) if self.overlap else [(x, idx, gates)]
+        plans = [self.plan(i, x.size(1)) for _, i, _ in halves]
+        sent = [self.start_dispatch(h, p) for (h, _, _), p in zip(halves, plans)]
+        back = [self.start_combine(self.experts(s.result(), p, w1, w2, kernel), p) for s, p in zip(sent, plans)]
+        return torch.cat([self.finish_combine(b, p, g) for b, p, (_, _, g) in zip(back, plans, halves)])
 
-    def dispatch(self, x, idx):
-        """Send each (token, set, slot) pair's sub-token to its expert's owner; returns the received
-        rows and their expert in the owner's flat list of S * N_e/P experts."""
-        N, S, dim = x.shape
-        k, E, group = idx.size(-1), self.local_experts, self.group
+    def plan(self, idx, n_sets):
+        """The Dispatch of the pairs idx (N, S, k): the metadata exchange HP does without."""
+        k, E = idx.size(-1), self.local_experts
         owner = (idx // E).flatten()
-        self.order = torch.argsort(owner, stable=True)
+        order = torch.argsort(owner, stable=True)
         send = torch.bincount(owner, minlength=self.size)
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=group)  # the metadata exchange HP does without
+        dist.all_to_all_single(recv, send, group=self.group)
         self.splits = (send.tolist(), recv.tolist())
-        rows = self.order // k  # pair -> row of x.view(N*S, d_h)
-        local = (rows % S) * E + idx.flatten()[self.order] % E
+        local = (order // k % n_sets) * E + idx.flatten()[order] % E
         local_recv = local.new_empty(sum(self.splits[1]))
-        dist.all_to_all_single(local_recv, local, self.splits[1], self.splits[0], group=group)
-        x_recv = Exchange(x.reshape(N * S, dim)[rows], self.splits[1], self.splits[0], group).result()
-        return x_recv, local_recv
+        dist.all_to_all_single(local_recv, local, self.splits[1], self.splits[0], group=self.group)
+        return Dispatch(order, self.splits, local_recv, k)
 
-    def combine(self, y_recv, gates):
-        """Return the experts' outputs to their tokens; sum them weighted by the gates (Eq. 1)."""
-        y = Exchange(y_recv, self.splits[0], self.splits[1], self.group).result()
-        return kernels.uncluster(y, self.order, gates)
+    def start_dispatch(self, x, plan):
+        """Starts sending each pair's sub-token (a row of x, (N, S, d_h)) to its expert's owner."""
+        rows = x.reshape(-1, x.size(-1))[plan.order // plan.k]
+        return Exchange(rows, plan.splits[1], plan.splits[0], self.group)
+
+    def experts(self, x_recv, plan, w1, w2, kernel):
+        """The received rows through this rank's experts (all S sets as one flat list)."""
+        ones = torch.ones(len(plan.local), 1, 1, device=x_recv.device, dtype=x_recv.dtype)
+        y = kernels.expert_ffn(x_recv[:, None], plan.local.view(-1, 1, 1), ones,
+                               w1.reshape(1, -1, *w1.shape[2:]), w2.reshape(1, -1, *w2.shape[2:]), kernel)
+        return y[:, 0]
+
+    def start_combine(self, y_recv, plan):
+        """Starts returning the experts' outputs to their tokens' ranks."""
+        return Exchange(y_recv, plan.splits[0], plan.splits[1], self.group)
+
+    def finish_combine(self, exchange, plan, gates):
+        """Each token's outputs, summed weighted by the gates (Eq. 1): (N, S, d_h)."""
+        return kernels.uncluster(exchange.result(), plan.order, gates)
+
+    def dispatch(self, x, idx):
+        plan = self.plan(idx, x.size(1))
+        return self.start_dispatch(x, plan).result(), plan
+
+    def combine(self, y_recv, plan, gates):
+        return self.finish_combine(self.start_combine(y_recv, plan), plan, gates)

@@ -59,7 +59,7 @@ DEFAULTS = dict(
     # ranks (0: all of them) times data parallel over the rest; with "hp", ep_size > 1 splits
     # each head's experts over ep_size of those ranks (HP x EP), the heads over the others
     parallel="dp", parallel_size=0, ep_size=1,
-    overlap=False,             # hp: each micro-batch in two halves, each one's all-to-alls beside the other's experts
+    overlap=False,             # hp, ep: each micro-batch in two halves, each one's all-to-alls beside the other's experts
 )
 
 
@@ -128,6 +128,8 @@ def check_args(a):
         bad("route_skew", "it must be at least 0 (0 turns it off)")
     if a["device"] not in ("auto", "cpu", "cuda"):
         bad("device", "choose auto, cpu or cuda")
+    if a["overlap"] and a["parallel"] == "dp":
+        bad("overlap", "it hides the all-to-all of --parallel=hp or ep; data parallel has none")
 
 
 # -----------------------------------------------------------------------------
