@@ -406,7 +406,8 @@ def bench_e2e(argv):
     tps = a["batch_tokens"] / ms * 1e3
     with torch.device("meta"):
         flops = GPT(config).flops_per_token()
-    fields = {f.name for f in dataclasses.fields(config)} | {"parallel_size", "ep_size", "overlap"}  # what tells rows apart
+    # what tells rows apart: the model's fields and the layout's options given
+    fields = {f.name for f in dataclasses.fields(config)} | {"parallel_size", "ep_size", "overlap"}
     changed = [arg.removeprefix("--") for arg in rest if arg.removeprefix("--").partition("=")[0] in fields]
     row = {"model": " ".join([a["preset"] or config.ffn] + changed), "parallel": a["parallel"], "GPUs": world,
            "routing": routing,
@@ -433,7 +434,8 @@ def bench_e2e(argv):
 
 
 E2E_COLUMNS = (["model", "parallel", "GPUs", "routing", "global batch", "step ms", "tokens/s", "MFU %", "peak GiB",
-                "load max/mean"] + [f"{part} ms" for part, _ in STEP_PARTS] + ["other ms", "device idle %", "exchange beside compute ms"])
+                "load max/mean"] + [f"{part} ms" for part, _ in STEP_PARTS]
+               + ["other ms", "device idle %", "exchange beside compute ms"])
 
 
 def throughput_bars(rows, path):

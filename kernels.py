@@ -630,8 +630,9 @@ class FusedExperts(torch.autograd.Function):
     Eq. 1 over the clustered pairs. x: (N * S, d) sub-tokens; gates: (N * S * k,);
     w1, w2: (S * N_e, d_e, d) in x's dtype; order, starts: the clustering of the N * S * k
     pairs (cluster_by_expert); param1, param2: the weight tensors whose .grad receives the
-    weight gradients, for which backward returns none. Returns (N * S, d). The kernels read x and write each pair's
-    gated output through order, so no clustered copy exists; the sum over k follows.
+    weight gradients (backward returns none for them). Returns (N * S, d). The kernels
+    read x and write each pair's gated output through order, so no clustered copy
+    exists; the sum over k follows.
     The backward recomputes the hidden units and each pair's output (for its gate's
     gradient): nothing of size N * S * k * d is kept between forward and backward.
     """
@@ -819,10 +820,10 @@ def compiled(fn):
 def glue(fn, like):
     """
     fn, compiled into a few kernels where `like` is on a GPU. The routing's bookkeeping
-    (clustering, tile and chunk tables) is dozens of small ops
-    whose launches cost more host time than their work takes on the device: at mh_2b on
-    an H100 the device waited for the host 13% of the step, 6% with these compiled.
-    Not for split_bf16: inductor keeps a bf16 intermediate in fp32, unrounded.
+    (clustering, tile and chunk tables) is dozens of small ops whose launches cost more
+    host time than their work takes on the device: at mh_2b on an H100 the device waited
+    for the host 13% of the step, 6% with these compiled. Not for split_bf16: inductor
+    keeps a bf16 intermediate in fp32, unrounded.
     """
     return compiled(fn) if like.is_cuda else fn
 

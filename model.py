@@ -383,12 +383,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         n, w = x.size(0), kernels.compute_copy(weight, x.dtype)
         rows = kernels.compiled(softmax_cross_entropy) if x.is_cuda else softmax_cross_entropy
         total = torch.zeros((), device=x.device)
-        dx, dw = torch.empty_like(x), torch.zeros_like(weight)
+        grads = any(ctx.needs_input_grad)  # not when evaluating
+        dx, dw = (torch.empty_like(x), torch.zeros_like(weight)) if grads else (None, None)
         for i in range(0, n, CE_CHUNK):
             xc = x[i:i + CE_CHUNK]
             loss, dlogits = rows(xc @ w.t(), targets[i:i + CE_CHUNK], 1 / n)  # d mean / d logits
             total += loss.sum()
-            if any(ctx.needs_input_grad):  # not when evaluating
+            if grads:
                 dx[i:i + CE_CHUNK] = dlogits @ w
                 dw += (dlogits.t() @ xc).to(dw.dtype)
         ctx.save_for_backward(dx, dw)
@@ -437,7 +438,7 @@ class GPT(nn.Module):
         cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.shard_dims = {}  # state-dict name -> dim along which parallel.shard_model split it
+        self.shard_dims = {}  # state-dict name -> (heads dim, experts dim) along which parallel.shard_model split it
         self.init_weights()
 
     @torch.no_grad()

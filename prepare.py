@@ -23,7 +23,7 @@ import os
 import random
 import sys
 import time
-from multiprocessing import Pool
+from multiprocessing import get_context
 
 import numpy as np
 
@@ -208,7 +208,9 @@ def prepare(source="fineweb", out_dir=None, val_fraction=0.005, shard_tokens=100
             text += f", {100 * state['docs'] / total:.0f}% of {total:,} docs, ~{left / 60:.0f} min left"
         print(f"\r{text}", end="", flush=True)
 
-    with Pool(workers or os.cpu_count()) as pool:
+    # workers from a fork server, not forked from this process: a fork of a process whose threads
+    # (torch's, tiktoken's) hold locks can hang; once, a test run did
+    with get_context("forkserver").Pool(workers or os.cpu_count()) as pool:
         for tokens in pool.imap(tokenize, docs, chunksize=16):
             if max_docs and state["docs"] >= max_docs:
                 finished = False  # a later run with a larger --max_docs carries on from here

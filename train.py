@@ -59,7 +59,7 @@ DEFAULTS = dict(
     # ranks (0: all of them) times data parallel over the rest; with "hp", ep_size > 1 splits
     # each head's experts over ep_size of those ranks (HP x EP), the heads over the others
     parallel="dp", parallel_size=0, ep_size=1,
-    overlap=False,             # hp, ep: each micro-batch in two halves, each one's all-to-alls beside the other's experts
+    overlap=False,             # hp, ep: a micro-batch's halves, each one's all-to-alls beside the other's experts
 )
 
 
