@@ -381,7 +381,7 @@ def expert_ffn_grouped(x, idx, gates, w1, w2):
     order, starts = glue(cluster_by_expert, x)(idx, n_expert)
     rows = order // k
     ends = starts.diff().view(n_sets, n_expert).cumsum(-1).int()  # each head's group ends
-    w1, w2 = w1.to(x.dtype), w2.to(x.dtype)  # bf16 under autocast
+    w1, w2 = cast_once(w1, x.dtype), cast_once(w2, x.dtype)  # bf16 under autocast
     xs = x.reshape(N * n_sets, dim)[rows].view(n_sets, N * k, dim)
     ys = [torch._grouped_mm(F.gelu(torch._grouped_mm(xs[h], w1[h].transpose(1, 2), offs=ends[h])),
                             w2[h], offs=ends[h]) for h in range(n_sets)]
@@ -730,6 +730,34 @@ def compute_copy(w, dtype):
     if cached is None or cached[0] != key:
         w.compute_copy = cached = (key, w.detach().to(dtype))
     return cached[1]
+
+
+class CastOnce(torch.autograd.Function):
+    """
+    A weight's compute copy (compute_copy) as a node of the graph. Its gradient is added
+    straight to the weight's .grad, in the weight's dtype, by one kernel, where autograd
+    would cast it to fp32 and then add it. Returns a fresh view, so that every use of the
+    cached copy is a node of its own.
+    """
+    @staticmethod
+    def forward(ctx, w, dtype):
+        ctx.w = w
+        return compute_copy(w, dtype).view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w = ctx.w
+        if w.grad is None:
+            w.grad = grad.to(w.dtype)
+        else:
+            w.grad.add_(grad)
+        return None, None
+
+
+def cast_once(w, dtype):
+    """w (a parameter, or a view of a whole one) in the compute dtype, cast once per optimizer
+    step, its gradient added to the parameter's .grad (CastOnce)."""
+    return CastOnce.apply(weight_parameter(w), dtype).view(w.shape)
 
 
 def expert_ffn_fused(x, idx, gates, w1, w2):

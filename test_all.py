@@ -804,6 +804,18 @@ def test_chunked_linear_cross_entropy_matches_fp64(rows, chunk, monkeypatch):
         assert linear_cross_entropy(*got_in, targets.to(DEV)).item() == got.item()
 
 
+def test_a_weight_cast_once_takes_each_micro_batchs_gradient_in_its_own_dtype():
+    # two micro-batches through the same cached bf16 copy, viewed as EP views it: the fp32 .grad
+    # holds what autograd's cast-and-accumulate gives
+    w = torch.randn(2, 3, 4, requires_grad=True)
+    ref = w.detach().clone().requires_grad_()
+    for seed in (1, 2):
+        c = torch.randn(1, 6, 4, generator=torch.Generator().manual_seed(seed))
+        (kernels.cast_once(w.reshape(1, 6, 4), torch.bfloat16).float() * c).sum().backward()
+        (ref.reshape(1, 6, 4).bfloat16().float() * c).sum().backward()
+    assert w.grad.dtype == torch.float32 and torch.equal(w.grad, ref.grad)
+
+
 def test_weights_are_cast_once_until_they_change():
     # the compute copy of a weight is made once and kept until an optimizer step changes it
     w = torch.randn(3, 5, device=DEV, requires_grad=True)
