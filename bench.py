@@ -335,8 +335,9 @@ def device_timeline(events):
     """(ms in which any kernel ran, ms in which an all-to-all ran beside another kernel) of profiled events."""
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     spans = [(e.time_range.start, e.time_range.end) for e in kernels]
-    exchange = merged(s for s, e in zip(spans, kernels) if kernel_part(e.name) == "all-to-all")
-    compute = merged(s for s, e in zip(spans, kernels) if kernel_part(e.name) != "all-to-all")
+    is_exchange = [kernel_part(e.name) == "all-to-all" for e in kernels]
+    exchange = merged(s for s, x in zip(spans, is_exchange) if x)
+    compute = merged(s for s, x in zip(spans, is_exchange) if not x)
     beside, i = 0.0, 0
     for start, end in exchange:  # the length of exchange intersected with compute, by a sweep
         while i < len(compute) and compute[i][1] <= start:

@@ -340,7 +340,7 @@ class MultiHeadLatentMoE(nn.Module):
             y = self.route(sub)  # (B*T, N_h, d_h)
         else:  # the halves' exchanges are started first, so that each runs while the other half computes
             sent = [hp.start_dispatch(half) for half in (sub.chunk(2) if self.overlap else (sub,))]
-            returned = [hp.start_combine(self.route(hp.finish_dispatch(s))) for s in sent]
+            returned = [hp.start_combine(self.route(s.result())) for s in sent]
             y = torch.cat([hp.finish_combine(r) for r in returned])
         return self.w_out(y.reshape(B, T, -1))  # Eq. 6
 

@@ -344,16 +344,13 @@ class HeadParallel:
         self.splits = None  # the last exchange's splits (rows per peer), kept for inspection
 
     def start_dispatch(self, sub):
-        """Starts sending (N, G*N_h, d_h), this rank's tokens, to the heads' ranks; finish_dispatch
-        gives (P*N, G*N_h/P, d_h), its heads of every rank's tokens (rows: rank 0's, rank 1's, ...)."""
+        """Starts sending (N, G*N_h, d_h), this rank's tokens, to the heads' ranks; its result() is
+        (P*N, G*N_h/P, d_h), its heads of every rank's tokens (rows: rank 0's, rank 1's, ...)."""
         P, (N, _, dim) = self.size, sub.shape
         # rank p owns heads [p N_h/P, (p+1) N_h/P) of each of the G groups (sub-tokens, routing tokens)
         parts = sub.view(N, -1, P, self.moe_heads // P, dim).permute(2, 0, 1, 3, 4)  # (P, N, G, N_h/P, d_h)
         self.splits = [N] * P
         return Exchange(parts.reshape(P * N, -1, dim), self.splits, self.splits, self.group)
-
-    def finish_dispatch(self, exchange):
-        return exchange.result()
 
     def start_combine(self, y):
         """Starts returning (P*N, N_h/P, d_h), the heads' outputs, to their tokens' ranks."""
@@ -366,7 +363,7 @@ class HeadParallel:
         return out.view(self.size, -1, *out.shape[1:]).transpose(0, 1).reshape(-1, self.size * out.size(1), out.size(2))
 
     def dispatch(self, sub):
-        return self.finish_dispatch(self.start_dispatch(sub))
+        return self.start_dispatch(sub).result()
 
     def combine(self, y):
         return self.finish_combine(self.start_combine(y))

@@ -612,7 +612,8 @@ def main(argv, on_step=None):
             json.dump(run_config, f, indent=1)
         print(f"parameters: {active / 1e6:.1f}M active / {total / 1e6:.1f}M total | world {world} | "
               f"{layout.mode} over {layout.size} rank(s)"
-              + (f" ({layout.heads} for the heads x {layout.experts} for the experts)" if layout.mode == "hp" and layout.experts > 1 else "")
+              + (f" ({layout.heads} for the heads x {layout.experts} for the experts)"
+                 if layout.mode == "hp" and layout.experts > 1 else "")
               + " | "
               f"{accum} micro-batches of {a['batch_size']}x{config.block_size} per rank per step | "
               + (f"validation on {val_batches * steps_tokens:,} tokens" if val_data else "no validation"))
