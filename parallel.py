@@ -297,7 +297,8 @@ class Exchange:
         self.out = ExchangeStart.apply(x, self)
 
     def result(self):
-        return ExchangeWait.apply(self.out, self)
+        out, self.out = self.out, None  # nothing of the autograd graph stays on self: no reference cycle
+        return ExchangeWait.apply(out, self)
 
     def start(self, x, splits):
         out = x.new_empty((sum(splits[0]), *x.shape[1:]))
@@ -314,8 +315,10 @@ class ExchangeStart(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _):  # the reverse exchange, started by ExchangeWait.backward, is awaited here
-        ctx.exchange.grad_work.wait()
-        return ctx.exchange.grad_x, None
+        e = ctx.exchange
+        e.grad_work.wait()
+        grad_x, e.grad_x, e.grad_work = e.grad_x, None, None
+        return grad_x, None
 
 
 class ExchangeWait(torch.autograd.Function):
@@ -323,6 +326,7 @@ class ExchangeWait(torch.autograd.Function):
     def forward(ctx, out, exchange):
         ctx.exchange = exchange
         exchange.work.wait()
+        exchange.work = None
         return out.view_as(out)
 
     @staticmethod
