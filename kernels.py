@@ -202,9 +202,15 @@ def split_bf16(w):
     return torch.stack((hi, mid, (rest - mid.float()).bfloat16()))
 
 
+def router_parts(weight):
+    """split_bf16 of an fp32 router weight, split once per optimizer step (weight_cache)."""
+    return weight_cache(weight, "bf16_parts", split_bf16)
+
+
 class TritonRoute(torch.autograd.Function):
+    """parts: the router's three bf16 parts (router_parts), for bf16 sub-tokens on a GPU; else None."""
     @staticmethod
-    def forward(ctx, x, weight, bias, k):
+    def forward(ctx, x, weight, parts, bias, k):
         n_heads, dim, n_expert = weight.shape
         x3 = x.reshape(-1, n_heads, dim)  # a view where possible: strides go to the kernel
         n_tok = x3.size(0)
@@ -216,10 +222,8 @@ class TritonRoute(torch.autograd.Function):
         # dot's kernel (H100, N_e = 768, k = 8: 34 ms a call against 2.2 ms at 32 experts a
         # block); at d_h = 256 the three pipelined bf16 parts of 64 experts overflow shared memory
         block_e = ROUTE["BLOCK_E"] if k <= 4 and dim <= 128 else ROUTE["BLOCK_E"] // 2
-        # bf16 sub-tokens on a GPU take three bf16 dots; fp32 (and fp16) ones the fp32 FMA dot,
-        # as do bf16 ones under the CPU interpreter, which cannot dot bf16 (triton#11584)
-        split = x.dtype == torch.bfloat16 and x.is_cuda
-        parts = split_bf16(weight) if split else weight  # eager: inductor would skip its roundings
+        split = parts is not None
+        parts = parts if split else weight
         grid = (triton.cdiv(n_tok, block_n), n_heads)
         _route_fwd_kernel[grid](
             x3, weight, parts, bias, scores, index, n_tok, n_expert,
@@ -259,7 +263,7 @@ class TritonRoute(torch.autograd.Function):
                 ds, index, wt, dx, n_tok, wt.stride(0), wt.stride(1),
                 D=dim, BLOCK_D=block_d, K=k, BLOCK_N=ROUTE_DX_BLOCK_N)
             dx = dx.view(ctx.x_shape)
-        return dx, dw, None, None
+        return dx, dw, None, None, None
 
 
 def matmul_fp32(a, b):
@@ -277,8 +281,7 @@ class SplitScores(torch.autograd.Function):
     bf16, takes the three part products above bf16's precision (hi hi, hi mid, mid hi).
     """
     @staticmethod
-    def forward(ctx, x, weight):
-        parts = split_bf16(weight)
+    def forward(ctx, x, weight, parts):  # parts: router_parts(weight)
         ctx.save_for_backward(x, parts)
         return sum(matmul_fp32(x, part) for part in parts.flip(0))  # the smallest first
 
@@ -288,19 +291,24 @@ class SplitScores(torch.autograd.Function):
         ds_parts = split_bf16(ds)
         dw = sum(matmul_fp32(x.transpose(1, 2), part) for part in ds_parts.flip(0))
         dx = sum(matmul_fp32(ds_parts[i], parts[j].transpose(1, 2)) for i, j in ((1, 0), (0, 1), (0, 0)))
-        return dx.to(x.dtype), dw
+        return dx.to(x.dtype), dw, None
 
 
 def topk_route_split(x, weight, bias, k):
     """Routing of wide bf16 inputs (MoE and LatentMoE route at width d): dense exact scores
     (SplitScores), then the top-k as in the plain twin."""
-    scores = SplitScores.apply(x.reshape(-1, *x.shape[-2:]).transpose(0, 1), weight).transpose(0, 1)
+    scores = SplitScores.apply(x.reshape(-1, *x.shape[-2:]).transpose(0, 1), weight, router_parts(weight))
+    scores = scores.transpose(0, 1)
     return top_k_unbiased(scores.reshape(*x.shape[:-1], -1), bias, k)  # scores: (..., N_h, N_e)
 
 
 def topk_route_triton(x, weight, bias, k):
     """IO-aware routing (Alg. 1 forward, Alg. 2 backward): never writes a T x N_e tensor."""
-    return TritonRoute.apply(x, weight.contiguous(), bias.contiguous(), k)
+    weight = weight.contiguous()
+    # bf16 sub-tokens on a GPU take three bf16 dots; fp32 (and fp16) ones the fp32 FMA dot,
+    # as do bf16 ones under the CPU interpreter, which cannot dot bf16 (triton#11584)
+    parts = router_parts(weight) if x.dtype == torch.bfloat16 and x.is_cuda else None
+    return TritonRoute.apply(x, weight, parts, bias.contiguous(), k)
 
 
 # -----------------------------------------------------------------------------
@@ -332,6 +340,13 @@ def cluster_by_expert(idx, n_expert):
     return order, torch.searchsorted(group[order], bounds)
 
 
+def unpermute(y, order):
+    """Rows y, one per pair in clustered order, put back in pair order (order: the pairs'
+    flat indices). A permutation: every row is written once, and its gradient is a gather."""
+    y = y.reshape(-1, y.size(-1))
+    return y.new_empty(y.shape).index_copy(0, order.flatten(), y)
+
+
 def uncluster(y, order, gates):
     """
     The inverse of the clustering, with Eq. 1's weighted sum: y holds one output row per
@@ -339,11 +354,37 @@ def uncluster(y, order, gates):
     Returns sum_j g_j y_j per (token, set), (N, S, d). Each pair has its own slot, so this is
     a permutation and a sum over k: no atomics, deterministic.
     """
-    flat = order.flatten()
-    y = y.reshape(-1, y.size(-1))
-    y = y.new_empty(y.shape).index_copy(0, flat, y)  # a permutation: its gradient is a gather
-    y = y.view(*gates.shape, y.size(-1))  # explicit width: a rank can receive no pair at all
+    y = unpermute(y, order).view(*gates.shape, y.size(-1))  # explicit width: a rank can receive no pair
     return (y * gates[..., None].to(y.dtype)).sum(2)
+
+
+def sum_over_k(t, k):
+    """(N * k, d) rows, k consecutive ones per token, summed to (N, d); no copy when k = 1."""
+    return t if k == 1 else t.view(-1, k, t.size(-1)).sum(1)
+
+
+class PairRows(torch.autograd.Function):
+    """
+    The sub-token of every pair in clustered order: rows order // k of x (N * S, d), k
+    copies of each. The backward puts the copies' gradients back in pair order and sums
+    each row's k of them (a permutation, as uncluster), where autograd's backward of the
+    gather would sort the indices and add the copies with atomics.
+    """
+    @staticmethod
+    def forward(ctx, x, order, k):
+        ctx.save_for_backward(order)
+        ctx.k = k
+        return x[order // k]
+
+    @staticmethod
+    def backward(ctx, grad):
+        order, = ctx.saved_tensors
+        return sum_over_k(unpermute(grad, order), ctx.k), None, None
+
+
+def pair_rows(x, order, k):
+    """x (N * S, d): each pair's row, in the clustered order of the flat pair indices `order`."""
+    return PairRows.apply(x, order.flatten(), k)
 
 
 EXPERT_KERNELS = ("fused", "flex", "grouped")  # expert_ffn's paths on CUDA
@@ -379,10 +420,9 @@ def expert_ffn_grouped(x, idx, gates, w1, w2):
     N, n_sets, dim = x.shape
     k, n_expert = idx.size(-1), w1.size(1)
     order, starts = glue(cluster_by_expert, x)(idx, n_expert)
-    rows = order // k
     ends = starts.diff().view(n_sets, n_expert).cumsum(-1).int()  # each head's group ends
     w1, w2 = cast_once(w1, x.dtype), cast_once(w2, x.dtype)  # bf16 under autocast
-    xs = x.reshape(N * n_sets, dim)[rows].view(n_sets, N * k, dim)
+    xs = pair_rows(x.reshape(N * n_sets, dim), order, k).view(n_sets, N * k, dim)
     ys = [torch._grouped_mm(F.gelu(torch._grouped_mm(xs[h], w1[h].transpose(1, 2), offs=ends[h])),
                             w2[h], offs=ends[h]) for h in range(n_sets)]
     return uncluster(torch.cat(ys), order, gates)
@@ -646,7 +686,7 @@ class FusedExperts(torch.autograd.Function):
             x, gates, w1, w2, y, order, *tiles, hidden, k, **fused_launch(x, config))
         ctx.save_for_backward(x, gates, w1, w2, order, starts, *tiles)
         ctx.k, ctx.config, ctx.params = k, config, (param1, param2)
-        return y.view(-1, k, x.size(1)).sum(1)
+        return sum_over_k(y, k)
 
     @staticmethod
     def backward(ctx, dout):
@@ -660,7 +700,7 @@ class FusedExperts(torch.autograd.Function):
             x, dout, gates, w1, w2, dx, dy, dgates, order, *tiles, hidden, k, **fused_launch(x, ctx.config))
         if any(ctx.needs_input_grad[7:]):  # the weights' gradients, into their .grad
             fused_weight_gradients(ctx, x, dy, w1, w2, order, starts)
-        return dx.view(-1, k, dim).sum(1), dgates.to(gates.dtype), None, None, None, None, None, None, None
+        return sum_over_k(dx, k), dgates.to(gates.dtype), None, None, None, None, None, None, None
 
 
 def fused_weight_gradients(ctx, x, dy, w1, w2, order, starts):
@@ -712,24 +752,30 @@ def count_optimizer_step(*_):
 
 
 # fused optimizers (AdamW(fused=True)) change the weights in place without bumping their
-# version counter, so compute_copy also recasts after every optimizer step
+# version counter, so weight_cache also remakes its tensors after every optimizer step
 register_optimizer_step_post_hook(count_optimizer_step)
 
 
+def weight_cache(w, name, make):
+    """
+    make(w detached), kept on w under `name` and made again only once w may have changed (an
+    optimizer step, or an in-place change such as a checkpoint load, which bumps its
+    version): once per step, not once per micro-batch, as Megatron keeps bf16 copies of its
+    fp32 weights.
+    """
+    key = (optimizer_steps, w._version, w.data_ptr())
+    cached = getattr(w, name, None)
+    if cached is None or cached[0] != key:
+        cached = (key, make(w.detach()))
+        setattr(w, name, cached)
+    return cached[1]
+
+
 def compute_copy(w, dtype):
-    """
-    w in the compute dtype, detached. The cast is kept on w and made again only once w may
-    have changed (an optimizer step, or an in-place change such as a checkpoint load, which
-    bumps its version): once per step, not once per micro-batch, as Megatron keeps bf16
-    copies of its fp32 weights.
-    """
+    """w in the compute dtype, detached, cast once per optimizer step (weight_cache)."""
     if w.dtype == dtype:
         return w.detach()
-    key = (optimizer_steps, w._version, w.data_ptr(), dtype)
-    cached = getattr(w, "compute_copy", None)
-    if cached is None or cached[0] != key:
-        w.compute_copy = cached = (key, w.detach().to(dtype))
-    return cached[1]
+    return weight_cache(w, f"compute_copy_{dtype}", lambda t: t.to(dtype))
 
 
 class CastOnce(torch.autograd.Function):
@@ -778,7 +824,7 @@ def expert_ffn_reference(x, idx, gates, w1, w2):
     k = idx.size(-1)
     order, starts = cluster_by_expert(idx, w1.size(1))
     rows = order // k                                   # pair -> row of x.view(N * N_h, d_h)
-    xs = x.reshape(N * n_sets, dim)[rows]
+    xs = x.reshape(N * n_sets, dim)[rows]               # autograd's own gather: the oracle shares no code
     w1g, w2g = w1.flatten(0, 1), w2.flatten(0, 1)       # (N_h * N_e, d_e, d_h)
     ys = [F.gelu(chunk @ w1g[g].T) @ w2g[g]
           for g, chunk in enumerate(torch.split(xs, starts.diff().tolist())) if chunk.numel()]
@@ -865,7 +911,7 @@ def expert_ffn_flex(x, idx, gates, w1, w2):
     order = order.view(n_heads, -1)                     # head-major: head h owns rows h*N*k ...
     # gathered outside the compiled region: inductor cannot lower FlexAttention on a
     # query computed in the same graph at lengths off its block size
-    q = x.reshape(N * n_heads, dim)[order // idx.size(-1)]  # (N_h, N*k, d_h): the clustered sub-tokens
+    q = pair_rows(x.reshape(N * n_heads, dim), order, idx.size(-1)).view(n_heads, -1, dim)  # (N_h, N*k, d_h)
     run = compiled(flex_experts) if x.is_cuda else flex_experts
     # weights in the compute dtype here too, so that the cast is not fused into the
     # kernels' key / value loads, which repeat for every query block

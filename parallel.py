@@ -418,7 +418,7 @@ class ExpertParallel:
 
     def start_dispatch(self, x, plan):
         """Starts sending each pair's sub-token (a row of x, (N, S, d_h)) to its expert's owner."""
-        rows = x.reshape(-1, x.size(-1))[plan.order // plan.k]
+        rows = kernels.pair_rows(x.reshape(-1, x.size(-1)), plan.order, plan.k)
         return Exchange(rows, plan.splits[1], plan.splits[0], self.group)
 
     def experts(self, x_recv, plan, w1, w2, kernel):

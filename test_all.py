@@ -737,13 +737,14 @@ def test_flex_expert_forward_matches_fp64_oracle(routing, expert_dim):
     torch.testing.assert_close(kernels.expert_ffn_reference(*args).double().cpu(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("routing,n_expert,expert_dim,dim,chunked", [
-    ("uniform", 40, 48, 16, False), ("one_expert", 5, 70, 16, False), ("skewed", 5, 40, 136, False),
-    ("one_expert", 5, 70, 16, True), ("skewed", 6, 40, 16, True)])
-def test_fused_triton_experts_match_fp64_in_output_and_gradients(routing, n_expert, expert_dim, dim, chunked,
+@pytest.mark.parametrize("routing,n_expert,expert_dim,dim,chunked,k", [
+    ("uniform", 40, 48, 16, False, 3), ("one_expert", 5, 70, 16, False, 3), ("skewed", 5, 40, 136, False, 3),
+    ("one_expert", 5, 70, 16, True, 3), ("skewed", 6, 40, 16, True, 3), ("uniform", 6, 40, 16, False, 1)])
+def test_fused_triton_experts_match_fp64_in_output_and_gradients(routing, n_expert, expert_dim, dim, chunked, k,
                                                                   monkeypatch):
     # 37 x 3 pairs: partial tiles, of 16 pairs over 40 experts (dW in chunks of 32 hidden units),
-    # of 32 over 5; d_e = 70: full and partial chunks of hidden units;
+    # of 32 over 5; d_e = 70: full and partial chunks of hidden units; k = 1, as EP's receivers
+    # call it: no sum over k;
     # d_h = 136: rows wider than 128 take tiles of 32 pairs, padded to 256 columns. On a GPU
     # those rows are tested in bf16: in fp32 (544 bytes) expert_path sends them to flex; the
     # CPU interpreter cannot dot bf16 (triton#11584), so there they stay fp32.
@@ -753,7 +754,7 @@ def test_fused_triton_experts_match_fp64_in_output_and_gradients(routing, n_expe
         monkeypatch.setattr(kernels, "CHUNK_MEANS", 1)
     wide_bf16 = DEV == "cuda" and dim * 4 > kernels.FUSED_MAX_ROW_BYTES
     dtype, tol = (torch.bfloat16, 2e-2) if wide_bf16 else (torch.float32, 1e-5)
-    args = expert_inputs(37, 2, dim, n_expert, expert_dim, 3, routing)
+    args = expert_inputs(37, 2, dim, n_expert, expert_dim, k, routing)
     want_in = [t.double().requires_grad_() if t.is_floating_point() else t for t in args]
     got_in = [t.to(dtype).requires_grad_() if t.is_floating_point() else t for t in args]
     want, got = kernels.expert_ffn_reference(*want_in), kernels.expert_ffn_fused(*got_in)
@@ -762,6 +763,22 @@ def test_fused_triton_experts_match_fp64_in_output_and_gradients(routing, n_expe
     got.backward(g.to(dtype))
     for a, b in [(got, want)] + [(a.grad, b.grad) for a, b in zip(got_in, want_in) if b.grad is not None]:
         assert torch.linalg.norm(a.double() - b) / torch.linalg.norm(b) < tol
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_pair_rows_sums_each_rows_copies_gradients_as_autograds_gather(k):
+    # each pair's sub-token in clustered order (skewed: most pairs on one expert, some experts on
+    # none); each row's gradient is the sum of its k copies': autograd's own gather is the oracle
+    x, idx, *_ = expert_inputs(37, 2, 16, 5, 8, k, "skewed")
+    order, _ = kernels.cluster_by_expert(idx, 5)
+    x = x.reshape(-1, 16).double()
+    got_in, want_in = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, want = kernels.pair_rows(got_in, order, k), want_in[order // k]
+    g = torch.randn_like(want)
+    got.backward(g)
+    want.backward(g)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_in.grad, want_in.grad, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("chunked", [False, True])
@@ -816,15 +833,22 @@ def test_a_weight_cast_once_takes_each_micro_batchs_gradient_in_its_own_dtype():
     assert w.grad.dtype == torch.float32 and torch.equal(w.grad, ref.grad)
 
 
-def test_weights_are_cast_once_until_they_change():
-    # the compute copy of a weight is made once and kept until an optimizer step changes it
+@pytest.mark.parametrize("kind", ["bf16 copy", "router parts"])
+def test_weights_are_cast_once_until_they_change(kind):
+    # a weight's compute copy, or the router's three bf16 parts, is made once and kept until
+    # an optimizer step changes the weight
+    cached, fresh = {"bf16 copy": (lambda w: kernels.compute_copy(w, torch.bfloat16), torch.Tensor.bfloat16),
+                     "router parts": (kernels.router_parts, kernels.split_bf16)}[kind]
     w = torch.randn(3, 5, device=DEV, requires_grad=True)
-    first = kernels.compute_copy(w, torch.bfloat16)
-    assert kernels.compute_copy(w, torch.bfloat16) is first and torch.equal(first, w.detach().bfloat16())
+    first = cached(w)
+    assert cached(w) is first and torch.equal(first, fresh(w.detach()))
     w.grad = torch.ones_like(w)
     torch.optim.AdamW([w], lr=0.1, fused=True).step()  # fused: one kernel updates w in place
-    again = kernels.compute_copy(w, torch.bfloat16)
-    assert again is not first and torch.equal(again, w.detach().bfloat16())
+    again = cached(w)
+    assert again is not first and torch.equal(again, fresh(w.detach()))
+    with torch.no_grad():
+        w.mul_(2)  # an in-place change, as a checkpoint load makes
+    assert torch.equal(cached(w), fresh(w.detach()))
     assert kernels.compute_copy(w, torch.float32) is not again  # the same dtype: w itself, no copy
 
 
