@@ -340,11 +340,14 @@ def cluster_by_expert(idx, n_expert):
     return order, torch.searchsorted(group[order], bounds)
 
 
-def unpermute(y, order):
-    """Rows y, one per pair in clustered order, put back in pair order (order: the pairs'
-    flat indices). A permutation: every row is written once, and its gradient is a gather."""
-    y = y.reshape(-1, y.size(-1))
-    return y.new_empty(y.shape).index_copy(0, order.flatten(), y)
+def place(y, rows, n):
+    """
+    The rows of y put at rows `rows` (each given at most once) of an (n, d) tensor, zeros in
+    the others: a permutation when every row is given (then nothing is zeroed). No atomics;
+    its gradient is a gather.
+    """
+    out = (y.new_empty if rows.numel() == n else y.new_zeros)(n, y.size(-1))
+    return out.index_copy(0, rows.flatten(), y.reshape(-1, y.size(-1)))
 
 
 def uncluster(y, order, gates):
@@ -354,7 +357,7 @@ def uncluster(y, order, gates):
     Returns sum_j g_j y_j per (token, set), (N, S, d). Each pair has its own slot, so this is
     a permutation and a sum over k: no atomics, deterministic.
     """
-    y = unpermute(y, order).view(*gates.shape, y.size(-1))  # explicit width: a rank can receive no pair
+    y = place(y, order, order.numel()).view(*gates.shape, y.size(-1))  # explicit width: a rank can receive no pair
     return (y * gates[..., None].to(y.dtype)).sum(2)
 
 
@@ -363,28 +366,36 @@ def sum_over_k(t, k):
     return t if k == 1 else t.view(-1, k, t.size(-1)).sum(1)
 
 
+def scatter_sum(y, slots, n, k):
+    """Rows y put at the flat slots (i * k + j) of an (n, k) layout (place), then summed over
+    k: (n, d). Deterministic: no atomics."""
+    return sum_over_k(place(y, slots, n * k), k)
+
+
 class PairRows(torch.autograd.Function):
     """
-    The sub-token of every pair in clustered order: rows order // k of x (N * S, d), k
-    copies of each. The backward puts the copies' gradients back in pair order and sums
-    each row's k of them (a permutation, as uncluster), where autograd's backward of the
-    gather would sort the indices and add the copies with atomics.
+    Row i of x (n, d) for each flat slot i * k + j of an (n, k) layout, each slot given at
+    most once: the sub-token of every pair in clustered order (slots: the pairs' flat
+    indices), k copies of each row. The backward sums each row's copies' gradients
+    (scatter_sum), where autograd's backward of the gather would sort the indices and add
+    with atomics.
     """
     @staticmethod
-    def forward(ctx, x, order, k):
-        ctx.save_for_backward(order)
-        ctx.k = k
-        return x[order // k]
+    def forward(ctx, x, slots, k):
+        ctx.save_for_backward(slots)
+        ctx.n, ctx.k = x.size(0), k
+        return x[slots // k]
 
     @staticmethod
     def backward(ctx, grad):
-        order, = ctx.saved_tensors
-        return sum_over_k(unpermute(grad, order), ctx.k), None, None
+        slots, = ctx.saved_tensors
+        return scatter_sum(grad, slots, ctx.n, ctx.k), None, None
 
 
-def pair_rows(x, order, k):
-    """x (N * S, d): each pair's row, in the clustered order of the flat pair indices `order`."""
-    return PairRows.apply(x, order.flatten(), k)
+def pair_rows(x, slots, k):
+    """x (n, d): row slot // k for each flat slot of an (n, k) layout, e.g. each pair's row
+    in the clustered order of the flat pair indices (PairRows)."""
+    return PairRows.apply(x, slots.flatten(), k)
 
 
 EXPERT_KERNELS = ("fused", "flex", "grouped")  # expert_ffn's paths on CUDA

@@ -375,16 +375,24 @@ class HeadParallel:
 
 @dataclass
 class Dispatch:
-    """Where one EP exchange sends each (token, set, slot) pair, and what it receives."""
-    order: torch.Tensor  # the pairs (flat indices into (N, S, k)) sorted by the rank owning their expert
+    """
+    One EP exchange. Each (token, set) row goes once to every rank holding some of its
+    experts, with its gates for those; the rank sums the row's gated outputs and returns
+    one row.
+    """
+    sent: torch.Tensor   # the rows sent, as flat slots row * P + peer of an (N * S, P) layout, by peer
+    gated: torch.Tensor  # (rows sent, k): which of each sent row's k experts its peer holds
     splits: tuple        # rows per peer, (sent, received)
-    local: torch.Tensor  # the received rows' experts in this rank's flat list of S * N_e/P
-    k: int
+    pairs: torch.Tensor  # the received pairs, as flat slots row * k + slot of the (rows received, k) layout
+    local: torch.Tensor  # their experts in this rank's flat list of S * N_e/P
+    tokens: tuple        # (N, S)
 
 
 class ExpertParallel:
     """
-    Sec. 2.3: dispatch k copies of each (sub-)token to the ranks owning the chosen experts.
+    Sec. 2.3: dispatch each (sub-)token to the ranks owning its chosen experts. It crosses
+    once to each such rank, with the gates of the experts it has there (as DeepEP sends
+    it; the paper's EP sends k copies), and one row, their gated outputs summed, comes back.
     With overlap, a micro-batch's two halves exchange their metadata first (the host waits
     for it), then each half's experts run while the other half's exchange is in flight.
     """
@@ -397,48 +405,65 @@ class ExpertParallel:
     def __call__(self, x, idx, gates, w1, w2, kernel="fused"):
         # x: (N, S, d_h); idx, gates: (N, S, k); w1, w2: (S, N_e/P, d_e, d_h), this rank's experts
         halves = list(zip(*(t.chunk(2) for t in (x, idx, gates)))) if self.overlap else [(x, idx, gates)]
-        plans = [self.plan(i, x.size(1)) for _, i, _ in halves]
-        sent = [self.start_dispatch(h, p) for (h, _, _), p in zip(halves, plans)]
+        plans = [self.plan(i) for _, i, _ in halves]
+        sent = [self.start_dispatch(h, g, p) for (h, _, g), p in zip(halves, plans)]
         back = [self.start_combine(self.experts(s.result(), p, w1, w2, kernel), p) for s, p in zip(sent, plans)]
-        return torch.cat([self.finish_combine(b, p, g) for b, p, (_, _, g) in zip(back, plans, halves)])
+        return torch.cat([self.finish_combine(b, p) for b, p in zip(back, plans)])
 
-    def plan(self, idx, n_sets):
+    def plan(self, idx):
         """The Dispatch of the pairs idx (N, S, k): the metadata exchange HP does without."""
-        k, E = idx.size(-1), self.local_experts
-        owner = (idx // E).flatten()
-        order = torch.argsort(owner, stable=True)
-        send = torch.bincount(owner, minlength=self.size)
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)
-        self.splits = (send.tolist(), recv.tolist())
-        local = (order // k % n_sets) * E + idx.flatten()[order] % E
-        local_recv = local.new_empty(sum(self.splits[1]))
+        P, E, (N, S, k) = self.size, self.local_experts, idx.shape
+        choice = idx.reshape(N * S, k)
+        owner = choice // E
+        holds = owner[:, :, None] == torch.arange(P, device=idx.device)  # (N S, k, P)
+        to_peer = holds.any(1)                                            # (N S, P): the rows each peer gets
+        counts = torch.stack((to_peer.sum(0), holds.sum((0, 1))), 1)      # rows and pairs per peer
+        recv = torch.empty_like(counts)
+        dist.all_to_all_single(recv, counts, group=self.group)
+        sent_counts, recv_counts = torch.stack((counts, recv)).tolist()  # the host's one wait
+        self.splits = ([rows for rows, _ in sent_counts], [rows for rows, _ in recv_counts])
+        by_peer = torch.nonzero_static(to_peer.t().flatten(), size=sum(self.splits[0]))[:, 0]  # peer * N S + row
+        row, peer = by_peer % (N * S), by_peer // (N * S)
+        gated = owner[row] == peer[:, None]
+        # each sent row's k slots: the expert in the peer's flat list of S * N_e/P, or -1
+        local = torch.where(gated, (row % S * E)[:, None] + choice[row] % E, -1)
+        local_recv = local.new_empty(sum(self.splits[1]), k)
         dist.all_to_all_single(local_recv, local, self.splits[1], self.splits[0], group=self.group)
-        return Dispatch(order, self.splits, local_recv, k)
+        pairs = torch.nonzero_static(local_recv.flatten() >= 0, size=sum(p for _, p in recv_counts))[:, 0]
+        return Dispatch(row * P + peer, gated, self.splits, pairs, local_recv.flatten()[pairs], (N, S))
 
-    def start_dispatch(self, x, plan):
-        """Starts sending each pair's sub-token (a row of x, (N, S, d_h)) to its expert's owner."""
-        rows = kernels.pair_rows(x.reshape(-1, x.size(-1)), plan.order, plan.k)
-        return Exchange(rows, plan.splits[1], plan.splits[0], self.group)
+    def start_dispatch(self, x, gates, plan):
+        """Starts sending each row of x (N, S, d_h) to the peers holding its experts, once to each,
+        with its k gates (0 for the experts another rank holds) as k more columns."""
+        P = self.size
+        rows = kernels.pair_rows(x.reshape(-1, x.size(-1)), plan.sent, P)
+        g = kernels.pair_rows(gates.reshape(-1, gates.size(-1)), plan.sent, P) * plan.gated
+        return Exchange(torch.cat((rows, g.to(rows.dtype)), 1), plan.splits[1], plan.splits[0], self.group)
 
-    def experts(self, x_recv, plan, w1, w2, kernel):
-        """The received rows through this rank's experts (all S sets as one flat list)."""
-        ones = torch.ones(len(plan.local), 1, 1, device=x_recv.device, dtype=x_recv.dtype)
-        y = kernels.expert_ffn(x_recv[:, None], plan.local.view(-1, 1, 1), ones,
-                               w1.reshape(1, -1, *w1.shape[2:]), w2.reshape(1, -1, *w2.shape[2:]), kernel)
-        return y[:, 0]
+    def experts(self, received, plan, w1, w2, kernel):
+        """The received rows' pairs through this rank's experts (all S sets as one flat list),
+        each row's gated outputs summed (Eq. 1): one row to send back per row received."""
+        dim = w1.size(-1)
+        k = received.size(1) - dim
+        x, gates = received.split([dim, k], 1)
+        xs = kernels.pair_rows(x, plan.pairs, k)[:, None]
+        g = kernels.pair_rows(gates.reshape(-1, 1), plan.pairs, 1).view(-1, 1, 1)
+        y = kernels.expert_ffn(xs, plan.local.view(-1, 1, 1), g, w1.reshape(1, -1, *w1.shape[2:]),
+                               w2.reshape(1, -1, *w2.shape[2:]), kernel)
+        return kernels.scatter_sum(y, plan.pairs, received.size(0), k)
 
     def start_combine(self, y_recv, plan):
-        """Starts returning the experts' outputs to their tokens' ranks."""
+        """Starts returning the summed outputs to their tokens' ranks."""
         return Exchange(y_recv, plan.splits[0], plan.splits[1], self.group)
 
-    def finish_combine(self, exchange, plan, gates):
-        """Each token's outputs, summed weighted by the gates (Eq. 1): (N, S, d_h)."""
-        return kernels.uncluster(exchange.result(), plan.order, gates)
+    def finish_combine(self, exchange, plan):
+        """Each (token, set)'s output, summed over the peers that computed it: (N, S, d_h)."""
+        N, S = plan.tokens
+        return kernels.scatter_sum(exchange.result(), plan.sent, N * S, self.size).view(N, S, -1)
 
-    def dispatch(self, x, idx):
-        plan = self.plan(idx, x.size(1))
-        return self.start_dispatch(x, plan).result(), plan
+    def dispatch(self, x, idx, gates):
+        plan = self.plan(idx)
+        return self.start_dispatch(x, gates, plan).result(), plan
 
-    def combine(self, y_recv, plan, gates):
-        return self.finish_combine(self.start_combine(y_recv, plan), plan, gates)
+    def combine(self, y_recv, plan):
+        return self.finish_combine(self.start_combine(y_recv, plan), plan)

@@ -979,6 +979,11 @@ def parallel_worker(rank, world, mode, size, skew, store, backend="gloo", ffn=No
             assert hp.splits == [2 * config.block_size // (2 if overlap else 1)] * layout.heads
         if ep is not None and skew:  # EP's traffic follows the routing: some ranks get no pair
             assert min(ep.splits[1]) == 0 or min(ep.splits[0]) < max(ep.splits[0]) / 2, ep.splits
+            # a (token, set) row crosses once to a rank holding several of its experts (most hold
+            # two or three of experts 1-3), not once per expert; the rows reaching EP are all H
+            # head ranks' tokens, by set
+            rows = 2 * config.block_size * layout.heads * m.router.size(0) // (2 if overlap else 1)
+            assert max(ep.splits[0]) <= rows, (ep.splits, rows)
     dist.destroy_process_group()
 
 
