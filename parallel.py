@@ -287,9 +287,9 @@ def sharded_state(model, optimizer, mesh):
 class Exchange:
     """
     An all-to-all started now and awaited by result() (called once), so that work queued
-    between the two runs while it is in flight (async_op: the host never waits, the device stream waits
-    only at result()). Its backward is the reverse exchange, started as soon as the
-    gradient of the result exists and awaited only where the gradient of x is needed.
+    between the two runs while it is in flight (async_op: the host never waits, the device
+    stream waits only at result()). Its backward is the reverse exchange, started as soon as
+    the gradient of the result exists and awaited only where the gradient of x is needed.
     """
 
     def __init__(self, x, out_splits, in_splits, group):
