@@ -606,7 +606,7 @@ def bench_zeroshot(argv):
     tasks = o["tasks"].split(",")
     manager = TaskManager(include_path=o["include_path"] or None)
     results = simple_evaluate(model=zeroshot_lm(model, o["batch_size"]), tasks=tasks, task_manager=manager,
-                                      limit=o["limit"] or None, log_samples=False)["results"]
+                              limit=o["limit"] or None, log_samples=False)["results"]
     row = {"model": argv[0]}
     for task in tasks:
         metrics = results[task]
@@ -617,11 +617,11 @@ def bench_zeroshot(argv):
 
 
 BENCHES = {"router": bench_router, "experts": bench_experts, "a2a": bench_a2a}
+COMMANDS = {"e2e": bench_e2e, "quality": bench_quality, "zeroshot": bench_zeroshot}  # take their own arguments
 
 if __name__ == "__main__":
-    if sys.argv[1:2] in (["e2e"], ["quality"], ["zeroshot"]):
-        commands = {"e2e": bench_e2e, "quality": bench_quality, "zeroshot": bench_zeroshot}
-        parallel.errors_once(commands[sys.argv[1]], sys.argv[2:])
+    if sys.argv[1:2] and sys.argv[1] in COMMANDS:
+        parallel.errors_once(COMMANDS[sys.argv[1]], sys.argv[2:])
         sys.exit()
     names = sys.argv[1:] or ["all"]
     for name in ([n for n in BENCHES if n != "a2a"] if names == ["all"] else names):

@@ -803,11 +803,11 @@ class CastOnce(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        w = ctx.w
-        if w.grad is None:
-            w.grad = grad.to(w.dtype)
+        (buffer,), accumulate = gradient_buffers((ctx.w,))  # stored in a step's first micro-batch, then added
+        if accumulate:
+            buffer.add_(grad)
         else:
-            w.grad.add_(grad)
+            buffer.copy_(grad)
         return None, None
 
 

@@ -720,7 +720,8 @@ def main(argv, on_step=None):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] in (["export"], ["sample"]):
-        {"export": export, "sample": sample}[sys.argv[1]](sys.argv[2:])
+    commands = {"export": export, "sample": sample}
+    if sys.argv[1:2] and sys.argv[1] in commands:
+        commands[sys.argv[1]](sys.argv[2:])
     else:
         parallel.errors_once(main, sys.argv[1:])
