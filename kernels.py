@@ -441,14 +441,19 @@ def expert_ffn_grouped(x, idx, gates, w1, w2):
 
 # A fused grouped GEMM in Triton, the default expert path on CUDA (Eq. 1 per pair):
 # one program per tile of BLOCK_M clustered pairs of one expert computes
-# g gelu(x W1^T) W2 chunk by chunk of d_e, so the hidden units never leave the chip.
-# The backward recomputes them: dX per tile (with g dOut and the gates' gradient),
-# and dW1, dW2 per (expert, chunk) by a loop over the expert's pairs, which sums in a
-# fixed order (deterministic, no atomics). Tiles from sweeps on an H100 (bf16, d_h 64
-# and 128, uniform and skewed routing): the forward and dX share one tile table.
-# At 32,768 tokens, 8 heads of 128, N_e 384, d_e 256: forward 0.75 ms (183 TFLOP/s), dX 1.5, dW 1.8.
+# g gelu(x W1^T) W2 chunk by chunk of d_e, so the hidden units never leave the chip
+# except as the pre-activations x W1^T, kept for the backward (P x d_e, where the output
+# is P x d_h). The backward is then four GEMMs, as an unfused MLP's: dX per tile
+# (dOut W2^T, its product with gelu' and the gate, times W1; the gate's gradient from
+# the same dOut W2^T), which also writes the pre-activations' gradient, and dW1, dW2 per
+# (expert, chunk) by a loop over the expert's pairs, which sums in a fixed order
+# (deterministic, no atomics). Tiles from sweeps on an H100 (bf16, d_h 64, 128 and 256,
+# uniform and skewed routing): the forward and dX share one tile table. At 16,384 tokens,
+# N_e 384, d_e 256, forward + backward: 8 heads of 128 2.5 ms, 4 heads of 256 about 2.5
+# (4.5 when the backward recomputed the hidden units, 4 GEMMs more).
 FUSED_TILES = dict(BLOCK_M=64, BLOCK_H=32, num_warps=4, num_stages=3)   # forward, dX
 FUSED_DW_TILES = dict(BLOCK_M=64, BLOCK_H=64, num_warps=4, num_stages=2)
+WIDE_TILES, WIDE_DW_TILES = dict(num_stages=2), dict(num_warps=8, num_stages=3)  # changes for d_h > 128
 
 
 def fused_tiles(dim, pairs_per_expert):
@@ -457,12 +462,13 @@ def fused_tiles(dim, pairs_per_expert):
     A tile holds about an expert's pairs (16, 32 or 64): at 2,048 tokens, 8 heads, N_e = 4096
     (two pairs an expert) tiles of 64 were mostly padding, and 16 took the kernels from 4.5 to
     2.8 ms (H100); with tiles of 16, dW takes chunks of 32 hidden units, so that more of its
-    programs fit on a multiprocessor. Wider rows take at most 32 pairs a tile, or dX's two fp32
-    accumulators spill (4 heads of 256, fwd+bwd 10.3 ms at 64 pairs, 7.9 at 32).
+    programs fit on a multiprocessor. Wider rows pipeline fewer stages, and dW spreads its
+    two (hidden chunk, d_h) accumulators over 8 warps (4 heads of 256: dW 3.4 ms -> 2.6).
     """
     m = min(64, max(16, triton.next_power_of_2(int(pairs_per_expert))))
-    tiles = dict(FUSED_TILES, BLOCK_M=min(m, 32) if dim > 128 else m)
-    return tiles, dict(FUSED_DW_TILES, BLOCK_M=m, BLOCK_H=32 if m == 16 else FUSED_DW_TILES["BLOCK_H"])
+    tiles = dict(FUSED_TILES, BLOCK_M=m)
+    dw_tiles = dict(FUSED_DW_TILES, BLOCK_M=m, BLOCK_H=32 if m == 16 else FUSED_DW_TILES["BLOCK_H"])
+    return (tiles | WIDE_TILES, dw_tiles | WIDE_DW_TILES) if dim > 128 else (tiles, dw_tiles)
 
 
 @triton.jit
@@ -510,55 +516,72 @@ def _store_hidden_chunk(W, g, j, d, hidden, D: tl.constexpr, value, ACCUMULATE: 
 
 
 @triton.jit
-def _fused_experts_fwd_kernel(X, Gates, W1, W2, Y, Order, TileGroup, TileStart, TileEnd, hidden, K,
+def _pair_units(P, m, ok, j, hidden):
+    # hidden units j of the clustered pairs m of a (pairs, hidden) tensor
+    return tl.load(P + m[:, None].to(tl.int64) * hidden + j[None, :], mask=ok[:, None] & (j < hidden)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _store_pair_units(P, m, ok, j, hidden, value):
+    tl.store(P + m[:, None].to(tl.int64) * hidden + j[None, :], value.to(P.dtype.element_ty),
+             mask=ok[:, None] & (j < hidden)[None, :])
+
+
+@triton.jit
+def _fused_experts_fwd_kernel(X, Gates, W1, W2, Y, Pre, Order, TileGroup, TileStart, TileEnd, hidden, K,
                               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
+                              BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, SAVE_PRE: tl.constexpr):
     t = tl.program_id(0)
     g, start, end = tl.load(TileGroup + t), tl.load(TileStart + t), tl.load(TileEnd + t)
     if start < end:  # tiles past the last one are empty
-        pair, row, ok = _pair_rows(Order, start + tl.arange(0, BLOCK_M), end, K)
+        m = start + tl.arange(0, BLOCK_M)
+        pair, row, ok = _pair_rows(Order, m, end, K)
         d = tl.arange(0, BLOCK_D)
         x = _rows(X, row, ok, d, D)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for c in range(0, hidden, BLOCK_H):  # Eq. 1, one chunk of the expert's hidden units
             j = c + tl.arange(0, BLOCK_H)
             w1, w2 = _hidden_chunk(W1, g, j, d, hidden, D), _hidden_chunk(W2, g, j, d, hidden, D)
-            h, _ = _gelu_and_slope(tl.dot(x, tl.trans(w1), input_precision=PRECISION))
+            pre = tl.dot(x, tl.trans(w1), input_precision=PRECISION)
+            if SAVE_PRE:
+                _store_pair_units(Pre, m, ok, j, hidden, pre)
+            h, _ = _gelu_and_slope(pre)
             acc += tl.dot(h.to(x.dtype), w2, input_precision=PRECISION)
         gate = tl.load(Gates + pair, mask=ok, other=0.0).to(tl.float32)
         _store_rows(Y, pair, ok, d, D, gate[:, None] * acc)
 
 
 @triton.jit
-def _fused_experts_dx_kernel(X, DOut, Gates, W1, W2, DX, DY, DGates, Order, TileGroup, TileStart, TileEnd,
+def _fused_experts_dx_kernel(DOut, Gates, W1, W2, Pre, DX, DPre, DGates, Order, TileGroup, TileStart, TileEnd,
                              hidden, K, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
     t = tl.program_id(0)
     g, start, end = tl.load(TileGroup + t), tl.load(TileStart + t), tl.load(TileEnd + t)
     if start < end:
-        pair, row, ok = _pair_rows(Order, start + tl.arange(0, BLOCK_M), end, K)
+        m = start + tl.arange(0, BLOCK_M)
+        pair, row, ok = _pair_rows(Order, m, end, K)
         d = tl.arange(0, BLOCK_D)
-        x = _rows(X, row, ok, d, D)
+        dout = _rows(DOut, row, ok, d, D)
         gate = tl.load(Gates + pair, mask=ok, other=0.0).to(tl.float32)
-        dy = (gate[:, None] * _rows(DOut, row, ok, d, D).to(tl.float32)).to(x.dtype)  # the pair's g dOut
-        _store_rows(DY, pair, ok, d, D, dy)  # for the dW kernel
-        y = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        dgate = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        for c in range(0, hidden, BLOCK_H):  # dX = sum_c (dY W2_c^T * gelu'(x W1_c^T)) W1_c
+        for c in range(0, hidden, BLOCK_H):  # dX = sum_c (g dOut W2_c^T * gelu'(pre_c)) W1_c
             j = c + tl.arange(0, BLOCK_H)
             w1, w2 = _hidden_chunk(W1, g, j, d, hidden, D), _hidden_chunk(W2, g, j, d, hidden, D)
-            h, slope = _gelu_and_slope(tl.dot(x, tl.trans(w1), input_precision=PRECISION))
-            y += tl.dot(h.to(x.dtype), w2, input_precision=PRECISION)  # the forward's output, recomputed
-            dpre = tl.dot(dy, tl.trans(w2), input_precision=PRECISION) * slope
-            acc += tl.dot(dpre.to(x.dtype), w1, input_precision=PRECISION)
+            h, slope = _gelu_and_slope(_pair_units(Pre, m, ok, j, hidden).to(tl.float32))
+            dh = tl.dot(dout, tl.trans(w2), input_precision=PRECISION)  # dOut W2_c^T
+            dgate += tl.sum(h * dh, axis=1)  # dg = <dOut, gelu(x W1^T) W2> = sum_j h_j (dOut W2^T)_j
+            dpre = (gate[:, None] * dh * slope).to(dout.dtype)
+            _store_pair_units(DPre, m, ok, j, hidden, dpre)  # for the dW kernel
+            acc += tl.dot(dpre, w1, input_precision=PRECISION)
         _store_rows(DX, pair, ok, d, D, acc)
-        dout = _rows(DOut, row, ok, d, D).to(tl.float32)  # loaded again, not held in registers through the loop
-        tl.store(DGates + pair, tl.sum(y * dout, axis=1), mask=ok)  # dg = <dOut, y>
+        tl.store(DGates + pair, dgate, mask=ok)
 
 
 @triton.jit
-def _fused_experts_dw_kernel(X, DY, W1, W2, DW1, DW2, Partial1, Partial2, Order, ChunkGroup, ChunkStart,
-                             ChunkEnd, ChunkSlot, hidden, K, D: tl.constexpr, BLOCK_D: tl.constexpr,
+def _fused_experts_dw_kernel(X, DOut, Gates, Pre, DPre, DW1, DW2, Partial1, Partial2, Order, ChunkGroup,
+                             ChunkStart, ChunkEnd, ChunkSlot, hidden, K, D: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
                              ACCUMULATE: tl.constexpr):
     t, c = tl.program_id(0), tl.program_id(1) * BLOCK_H  # one chunk of an expert's pairs, one chunk of its hidden units
@@ -567,16 +590,17 @@ def _fused_experts_dw_kernel(X, DY, W1, W2, DW1, DW2, Partial1, Partial2, Order,
         start, end, slot = tl.load(ChunkStart + t), tl.load(ChunkEnd + t), tl.load(ChunkSlot + t)
         j = c + tl.arange(0, BLOCK_H)
         d = tl.arange(0, BLOCK_D)
-        w1, w2 = _hidden_chunk(W1, g, j, d, hidden, D), _hidden_chunk(W2, g, j, d, hidden, D)
         dw1 = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
         dw2 = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
         for m0 in range(start, end, BLOCK_M):  # the chunk's pairs, in order
-            pair, row, ok = _pair_rows(Order, m0 + tl.arange(0, BLOCK_M), end, K)
-            x, dy = _rows(X, row, ok, d, D), _rows(DY, pair, ok, d, D)
-            h, slope = _gelu_and_slope(tl.dot(x, tl.trans(w1), input_precision=PRECISION))
-            dpre = tl.dot(dy, tl.trans(w2), input_precision=PRECISION) * slope
-            dw1 += tl.dot(tl.trans(dpre.to(x.dtype)), x, input_precision=PRECISION)  # dW1_c = dPre^T X
-            dw2 += tl.dot(tl.trans(h.to(x.dtype)), dy, input_precision=PRECISION)    # dW2_c = H^T dY
+            m = m0 + tl.arange(0, BLOCK_M)
+            pair, row, ok = _pair_rows(Order, m, end, K)
+            x, dout = _rows(X, row, ok, d, D), _rows(DOut, row, ok, d, D)
+            gate = tl.load(Gates + pair, mask=ok, other=0.0).to(tl.float32)
+            h, _ = _gelu_and_slope(_pair_units(Pre, m, ok, j, hidden).to(tl.float32))
+            dpre = _pair_units(DPre, m, ok, j, hidden)
+            dw1 += tl.dot(tl.trans(dpre), x, input_precision=PRECISION)                            # dPre^T X
+            dw2 += tl.dot(tl.trans((gate[:, None] * h).to(x.dtype)), dout, input_precision=PRECISION)  # (g H)^T dOut
         if slot < 0:  # the expert's only chunk: its gradient, written (or added) once
             _store_hidden_chunk(DW1, g, j, d, hidden, D, dw1, ACCUMULATE)
             _store_hidden_chunk(DW2, g, j, d, hidden, D, dw2, ACCUMULATE)
@@ -681,51 +705,53 @@ class FusedExperts(torch.autograd.Function):
     Eq. 1 over the clustered pairs. x: (N * S, d) sub-tokens; gates: (N * S * k,);
     w1, w2: (S * N_e, d_e, d) in x's dtype; order, starts: the clustering of the N * S * k
     pairs (cluster_by_expert); param1, param2: the weight tensors whose .grad receives the
-    weight gradients (backward returns none for them). Returns (N * S, d). The kernels
-    read x and write each pair's gated output through order, so no clustered copy
-    exists; the sum over k follows.
-    The backward recomputes the hidden units and each pair's output (for its gate's
-    gradient): nothing of size N * S * k * d is kept between forward and backward.
+    weight gradients (backward returns none for them); save: whether a backward will run
+    (keep the pre-activations). Returns (N * S, d). The kernels read x and write each pair's
+    gated output through order, so no clustered copy exists; the sum over k follows.
+    Between forward and backward it keeps the pre-activations x W1^T, (N * S * k, d_e)
+    in clustered order, and no hidden unit nor any copy of x.
     """
     @staticmethod
-    def forward(ctx, x, gates, w1, w2, order, starts, k, param1, param2):
+    def forward(ctx, x, gates, w1, w2, order, starts, k, param1, param2, save):
         hidden = w1.size(-2)
         config, ctx.dw_config = fused_tiles(x.size(1), order.numel() / w1.size(0))
         tiles = glue(tile_table, x)(starts, order.numel(), config["BLOCK_M"])
         y = x.new_empty(order.numel(), x.size(1))
+        pre = x.new_empty(order.numel() if save else 0, hidden)
         _fused_experts_fwd_kernel[(tiles[0].numel(),)](
-            x, gates, w1, w2, y, order, *tiles, hidden, k, **fused_launch(x, config))
-        ctx.save_for_backward(x, gates, w1, w2, order, starts, *tiles)
+            x, gates, w1, w2, y, pre, order, *tiles, hidden, k, **fused_launch(x, config), SAVE_PRE=save)
+        ctx.save_for_backward(x, gates, w1, w2, pre, order, starts, *tiles)
         ctx.k, ctx.config, ctx.params = k, config, (param1, param2)
-        return sum_over_k(y, k)
+        return glue(sum_over_k, x)(y, k)
 
     @staticmethod
     def backward(ctx, dout):
-        x, gates, w1, w2, order, starts, *tiles = ctx.saved_tensors
+        x, gates, w1, w2, pre, order, starts, *tiles = ctx.saved_tensors
         _, hidden, dim = w1.shape
-        k = ctx.k
         dout = dout.contiguous()
-        dx, dy = x.new_empty(order.numel(), dim), x.new_empty(order.numel(), dim)  # per pair
+        dx = x.new_empty(order.numel(), dim)  # per pair
+        dpre = torch.empty_like(pre)
         dgates = torch.empty(order.numel(), device=x.device, dtype=torch.float32)
         _fused_experts_dx_kernel[(tiles[0].numel(),)](
-            x, dout, gates, w1, w2, dx, dy, dgates, order, *tiles, hidden, k, **fused_launch(x, ctx.config))
-        if any(ctx.needs_input_grad[7:]):  # the weights' gradients, into their .grad
-            fused_weight_gradients(ctx, x, dy, w1, w2, order, starts)
-        return sum_over_k(dx, k), dgates.to(gates.dtype), None, None, None, None, None, None, None
+            dout, gates, w1, w2, pre, dx, dpre, dgates, order, *tiles, hidden, ctx.k, **fused_launch(x, ctx.config))
+        if any(ctx.needs_input_grad[7:9]):  # the weights' gradients, into their .grad
+            fused_weight_gradients(ctx, x, dout, gates, pre, dpre, order, starts, w1.shape)
+        return glue(sum_over_k, x)(dx, ctx.k), dgates.to(gates.dtype), *[None] * 8
 
 
-def fused_weight_gradients(ctx, x, dy, w1, w2, order, starts):
-    """dW1, dW2 of FusedExperts, one program per chunk of an expert's pairs and chunk of its
-    hidden units, added to (or stored in) the parameters' .grad."""
-    n_groups, hidden, dim = w1.shape
+def fused_weight_gradients(ctx, x, dout, gates, pre, dpre, order, starts, shape):
+    """dW1, dW2 of FusedExperts, of the given (groups, hidden, d) shape, one program per chunk
+    of an expert's pairs and chunk of its hidden units, added to (or stored in) the
+    parameters' .grad."""
     (dw1, dw2), accumulate = gradient_buffers(ctx.params)
-    dw1, dw2 = dw1.view(w1.shape), dw2.view(w2.shape)
+    n_groups, hidden, dim = shape
+    dw1, dw2 = dw1.view(shape), dw2.view(shape)
     block_m = ctx.dw_config["BLOCK_M"]
     chunks = glue(chunk_table, x)(starts, order.numel(), chunk_pairs(order.numel(), n_groups, block_m))
     partial1, partial2 = (torch.empty(chunks.max_slots, hidden, dim, device=x.device, dtype=torch.float32)
                           for _ in range(2))
     _fused_experts_dw_kernel[(chunks.group.numel(), triton.cdiv(hidden, ctx.dw_config["BLOCK_H"]))](
-        x, dy, w1, w2, dw1, dw2, partial1, partial2, order, chunks.group, chunks.start, chunks.end,
+        x, dout, gates, pre, dpre, dw1, dw2, partial1, partial2, order, chunks.group, chunks.start, chunks.end,
         chunks.slot, hidden, ctx.k, **fused_launch(x, ctx.dw_config), ACCUMULATE=accumulate)
     sum_chunks(partial1, dw1, chunks, accumulate)
     sum_chunks(partial2, dw2, chunks, accumulate)
@@ -824,8 +850,9 @@ def expert_ffn_fused(x, idx, gates, w1, w2):
     order, starts = glue(cluster_by_expert, x)(idx, n_expert)
     params = tuple(weight_parameter(w) for w in (w1, w2))
     w1c, w2c = (compute_copy(p, x.dtype).view(n_sets * n_expert, hidden, dim) for p in params)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gates, *params))
     y = FusedExperts.apply(x.reshape(N * n_sets, dim).contiguous(), gates.flatten().contiguous(),
-                           w1c, w2c, order, starts, idx.size(-1), *params)
+                           w1c, w2c, order, starts, idx.size(-1), *params, save)
     return y.view(N, n_sets, dim)
 
 

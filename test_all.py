@@ -745,7 +745,7 @@ def test_fused_triton_experts_match_fp64_in_output_and_gradients(routing, n_expe
     # 37 x 3 pairs: partial tiles, of 16 pairs over 40 experts (dW in chunks of 32 hidden units),
     # of 32 over 5; d_e = 70: full and partial chunks of hidden units; k = 1, as EP's receivers
     # call it: no sum over k;
-    # d_h = 136: rows wider than 128 take tiles of 32 pairs, padded to 256 columns. On a GPU
+    # d_h = 136: rows wider than 128 take tiles of their own, padded to 256 columns. On a GPU
     # those rows are tested in bf16: in fp32 (544 bytes) expert_path sends them to flex; the
     # CPU interpreter cannot dot bf16 (triton#11584), so there they stay fp32.
     # chunked: the weight gradients of hot experts in chunks of one tile, summed in order
@@ -880,7 +880,7 @@ def test_chunk_table_covers_every_pair_once_in_bounded_chunks(counts, chunk):
 
 
 @pytest.mark.parametrize("pairs,dim,tiles,dw_tiles", [(2.0, 128, 16, (16, 32)), (32.0, 128, 32, (32, 64)),
-                                                      (341.3, 128, 64, (64, 64)), (341.3, 256, 32, (64, 64))])
+                                                      (341.3, 128, 64, (64, 64)), (341.3, 256, 64, (64, 64))])
 def test_fused_tiles_follow_the_pairs_per_expert_and_the_row_width(pairs, dim, tiles, dw_tiles):
     config, dw_config = kernels.fused_tiles(dim, pairs)
     assert config["BLOCK_M"] == tiles and (dw_config["BLOCK_M"], dw_config["BLOCK_H"]) == dw_tiles
