@@ -562,7 +562,7 @@ def _fused_experts_dx_kernel(DOut, Gates, W1, W2, Pre, DX, DPre, DGates, Order, 
         m = start + tl.arange(0, BLOCK_M)
         pair, row, ok = _pair_rows(Order, m, end, K)
         d = tl.arange(0, BLOCK_D)
-        dout = _rows(DOut, row, ok, d, D)
+        dout = _rows(DOut, row, ok, d, D).to(W1.dtype.element_ty)  # in training it can arrive in fp32
         gate = tl.load(Gates + pair, mask=ok, other=0.0).to(tl.float32)
         dgate = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -595,7 +595,8 @@ def _fused_experts_dw_kernel(X, DOut, Gates, Pre, DPre, DW1, DW2, Partial1, Part
         for m0 in range(start, end, BLOCK_M):  # the chunk's pairs, in order
             m = m0 + tl.arange(0, BLOCK_M)
             pair, row, ok = _pair_rows(Order, m, end, K)
-            x, dout = _rows(X, row, ok, d, D), _rows(DOut, row, ok, d, D)
+            x = _rows(X, row, ok, d, D)
+            dout = _rows(DOut, row, ok, d, D).to(x.dtype)
             gate = tl.load(Gates + pair, mask=ok, other=0.0).to(tl.float32)
             h, _ = _gelu_and_slope(_pair_units(Pre, m, ok, j, hidden).to(tl.float32))
             dpre = _pair_units(DPre, m, ok, j, hidden)
@@ -722,7 +723,7 @@ class FusedExperts(torch.autograd.Function):
             x, gates, w1, w2, y, pre, order, *tiles, hidden, k, **fused_launch(x, config), SAVE_PRE=save)
         ctx.save_for_backward(x, gates, w1, w2, pre, order, starts, *tiles)
         ctx.k, ctx.config, ctx.params = k, config, (param1, param2)
-        return glue(sum_over_k, x)(y, k)
+        return sum_over_k(y, k)
 
     @staticmethod
     def backward(ctx, dout):
@@ -736,7 +737,7 @@ class FusedExperts(torch.autograd.Function):
             dout, gates, w1, w2, pre, dx, dpre, dgates, order, *tiles, hidden, ctx.k, **fused_launch(x, ctx.config))
         if any(ctx.needs_input_grad[7:9]):  # the weights' gradients, into their .grad
             fused_weight_gradients(ctx, x, dout, gates, pre, dpre, order, starts, w1.shape)
-        return glue(sum_over_k, x)(dx, ctx.k), dgates.to(gates.dtype), *[None] * 8
+        return sum_over_k(dx, ctx.k), dgates.to(gates.dtype), *[None] * 8
 
 
 def fused_weight_gradients(ctx, x, dout, gates, pre, dpre, order, starts, shape):
