@@ -879,8 +879,8 @@ def test_chunk_table_covers_every_pair_once_in_bounded_chunks(counts, chunk):
     assert len(set(used)) == len(used) and all(0 <= s < c.max_slots for s in used)
 
 
-@pytest.mark.parametrize("pairs,dim,tiles,dw_tiles", [(2.0, 128, 16, (16, 32)), (32.0, 128, 32, (32, 64)),
-                                                      (341.3, 128, 64, (64, 64)), (341.3, 256, 64, (64, 64))])
+@pytest.mark.parametrize("pairs,dim,tiles,dw_tiles", [(2.0, 128, 16, (16, 32)), (32.0, 128, 32, (32, 128)),
+                                                      (341.3, 128, 64, (64, 128)), (341.3, 256, 64, (64, 64))])
 def test_fused_tiles_follow_the_pairs_per_expert_and_the_row_width(pairs, dim, tiles, dw_tiles):
     config, dw_config = kernels.fused_tiles(dim, pairs)
     assert config["BLOCK_M"] == tiles and (dw_config["BLOCK_M"], dw_config["BLOCK_H"]) == dw_tiles
