@@ -563,7 +563,7 @@ def _fused_experts_dx_kernel(DOut, Gates, W1, W2, Pre, DX, DPre, DGates, Order, 
         m = start + tl.arange(0, BLOCK_M)
         pair, row, ok = _pair_rows(Order, m, end, K)
         d = tl.arange(0, BLOCK_D)
-        dout = _rows(DOut, row, ok, d, D).to(W1.dtype.element_ty)  # in training it can arrive in fp32
+        dout = _rows(DOut, row, ok, d, D).to(W1.dtype.element_ty)  # whatever dtype it arrives in
         gate = tl.load(Gates + pair, mask=ok, other=0.0).to(tl.float32)
         dgate = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
