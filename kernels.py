@@ -257,7 +257,8 @@ class TritonRoute(torch.autograd.Function):
             dw = dwt.view(n_heads, n_expert, dim).transpose(1, 2)
             del order, starts, chunks, partial
         if ctx.needs_input_grad[0]:
-            wt = weight.detach().transpose(1, 2).contiguous()  # (N_h, N_e, d_h): rows gather coalesced
+            # (N_h, N_e, d_h), so that the kernel's row gathers coalesce; made once per optimizer step
+            wt = weight_cache(weight, "transposed", lambda w: w.transpose(1, 2).contiguous())
             dx = torch.empty(n_tok, n_heads, dim, device=x3.device, dtype=ctx.x_dtype)  # fp32 sums, stored once
             _route_dx_kernel[(triton.cdiv(n_tok, ROUTE_DX_BLOCK_N), n_heads)](
                 ds, index, wt, dx, n_tok, wt.stride(0), wt.stride(1),
