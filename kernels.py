@@ -450,8 +450,8 @@ def expert_ffn_grouped(x, idx, gates, w1, w2):
 # (expert, chunk) by a loop over the expert's pairs, which sums in a fixed order
 # (deterministic, no atomics). Tiles from sweeps on an H100 (bf16, d_h 64, 128 and 256,
 # uniform and skewed routing): the forward and dX share one tile table. At 16,384 tokens,
-# N_e 384, d_e 256, forward + backward: 8 heads of 128 2.5 ms, 4 heads of 256 about 2.5
-# (4.5 when the backward recomputed the hidden units, 4 GEMMs more).
+# N_e 384, d_e 256, forward + backward: 8 heads of 128 2.5 ms, 4 heads of 256 2.6 with the
+# wide dW tiles (4.5 when the backward recomputed the hidden units, 4 GEMMs more).
 FUSED_TILES = dict(BLOCK_M=64, BLOCK_H=32, num_warps=4, num_stages=3)   # forward, dX
 FUSED_DW_TILES = dict(BLOCK_M=64, BLOCK_H=128, num_warps=8, num_stages=2)
 SMALL_DW_TILES = dict(BLOCK_H=32, num_warps=4)                         # changes at 16 pairs a tile
@@ -466,7 +466,7 @@ def fused_tiles(dim, pairs_per_expert):
     2.8 ms (H100); with tiles of 16, dW takes chunks of 32 hidden units, so that more of its
     programs fit on a multiprocessor. dW otherwise takes 128 hidden units over 8 warps (8 heads
     of 128, 16,384 tokens: 1.03 -> 1.00 ms uniform, 1.18 -> 1.07 under Zipf s = 1.5), and 64
-    at d_h > 128, where fewer pipeline stages also pay (4 heads of 256: dW 3.4 ms -> 2.6).
+    at d_h > 128, where fewer pipeline stages also pay (4 heads of 256: forward + backward 3.4 ms -> 2.6).
     """
     m = min(64, max(16, triton.next_power_of_2(int(pairs_per_expert))))
     tiles, dw_tiles = dict(FUSED_TILES, BLOCK_M=m), dict(FUSED_DW_TILES, BLOCK_M=m) | (SMALL_DW_TILES if m == 16 else {})
