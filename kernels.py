@@ -738,17 +738,16 @@ class FusedExperts(torch.autograd.Function):
         _fused_experts_dx_kernel[(tiles[0].numel(),)](
             dout, gates, w1, w2, pre, dx, dpre, dgates, order, *tiles, hidden, ctx.k, **fused_launch(x, ctx.config))
         if any(ctx.needs_input_grad[7:9]):  # the weights' gradients, into their .grad
-            fused_weight_gradients(ctx, x, dout, gates, pre, dpre, order, starts, w1.shape)
+            fused_weight_gradients(ctx, x, dout, gates, pre, dpre, order, starts)
         return sum_over_k(dx, ctx.k), dgates.to(gates.dtype), *[None] * 8
 
 
-def fused_weight_gradients(ctx, x, dout, gates, pre, dpre, order, starts, shape):
-    """dW1, dW2 of FusedExperts, of the given (groups, hidden, d) shape, one program per chunk
-    of an expert's pairs and chunk of its hidden units, added to (or stored in) the
-    parameters' .grad."""
+def fused_weight_gradients(ctx, x, dout, gates, pre, dpre, order, starts):
+    """dW1, dW2 of FusedExperts, one program per chunk of an expert's pairs and chunk of its
+    hidden units, added to (or stored in) the parameters' .grad."""
     (dw1, dw2), accumulate = gradient_buffers(ctx.params)
-    n_groups, hidden, dim = shape
-    dw1, dw2 = dw1.view(shape), dw2.view(shape)
+    n_groups, hidden, dim = starts.numel() - 1, pre.size(1), x.size(1)
+    dw1, dw2 = dw1.view(n_groups, hidden, dim), dw2.view(n_groups, hidden, dim)
     block_m = ctx.dw_config["BLOCK_M"]
     chunks = glue(chunk_table, x)(starts, order.numel(), chunk_pairs(order.numel(), n_groups, block_m))
     partial1, partial2 = (torch.empty(chunks.max_slots, hidden, dim, device=x.device, dtype=torch.float32)
