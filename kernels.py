@@ -5,6 +5,8 @@ run on the CPU, serve as the tests' oracle and as bench.py's naive baseline.
 
   topk_route  : scores = x W_r, top-k of (scores + b), the k unbiased scores
   expert_ffn  : sum_j g_j W2[e_j]^T gelu(W1[e_j] x), dropless
+
+and the language model's loss, whose softmax over the vocabulary is a hot spot too.
 """
 
 import functools
@@ -564,7 +566,7 @@ def _fused_experts_dx_kernel(DOut, Gates, W1, W2, Pre, DX, DPre, DGates, Order, 
         m = start + tl.arange(0, BLOCK_M)
         pair, row, ok = _pair_rows(Order, m, end, K)
         d = tl.arange(0, BLOCK_D)
-        dout = _rows(DOut, row, ok, d, D).to(W1.dtype.element_ty)  # whatever dtype it arrives in
+        dout = _rows(DOut, row, ok, d, D)
         gate = tl.load(Gates + pair, mask=ok, other=0.0).to(tl.float32)
         dgate = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -598,7 +600,7 @@ def _fused_experts_dw_kernel(X, DOut, Gates, Pre, DPre, DW1, DW2, Partial1, Part
             m = m0 + tl.arange(0, BLOCK_M)
             pair, row, ok = _pair_rows(Order, m, end, K)
             x = _rows(X, row, ok, d, D)
-            dout = _rows(DOut, row, ok, d, D).to(x.dtype)
+            dout = _rows(DOut, row, ok, d, D)
             gate = tl.load(Gates + pair, mask=ok, other=0.0).to(tl.float32)
             h, _ = _gelu_and_slope(_pair_units(Pre, m, ok, j, hidden).to(tl.float32))
             dpre = _pair_units(DPre, m, ok, j, hidden)
@@ -731,7 +733,7 @@ class FusedExperts(torch.autograd.Function):
     def backward(ctx, dout):
         x, gates, w1, w2, pre, order, starts, *tiles = ctx.saved_tensors
         _, hidden, dim = w1.shape
-        dout = dout.contiguous()
+        dout = dout.to(x.dtype).contiguous()  # it arrives in fp32 from compiled graphs on CUDA; read 3 times
         dx = x.new_empty(order.numel(), dim)  # per pair
         dpre = torch.empty_like(pre)
         dgates = torch.empty(order.numel(), device=x.device, dtype=torch.float32)
@@ -980,3 +982,62 @@ def flex_experts(q, order, q_expert, gates, w1, w2):
                                   return_lse=True, kernel_options=options)
         y = y + sign * out[0].float() * lse[0].exp()[..., None]           # O l, fp32
     return uncluster(y, order, gates).to(q.dtype)
+
+
+# -----------------------------------------------------------------------------
+# The loss's rows: cross-entropy and its gradient, one pass over the logits each way
+
+def softmax_cross_entropy(logits, targets, scale):
+    """
+    Each row's cross-entropy, and scale times its gradient with respect to the logits
+    (softmax - one-hot), in the logits' dtype; fp32 within. On CUDA one Triton kernel,
+    which writes the gradient over the logits; elsewhere its plain twin.
+    """
+    if not logits.is_cuda:
+        return softmax_cross_entropy_reference(logits, targets, scale)
+    return softmax_cross_entropy_triton(logits, targets, scale)
+
+
+def softmax_cross_entropy_reference(logits, targets, scale):
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    loss = (lse - z.gather(1, targets[:, None])).squeeze(1)
+    grad = torch.exp(z - lse).scatter_add(1, targets[:, None], -torch.ones_like(lse))  # softmax - one-hot
+    return loss, (grad * scale).to(logits.dtype)
+
+
+@triton.jit
+def _cross_entropy_kernel(Logits, Targets, Loss, n_cols, stride_row, stride_col, scale, BLOCK: tl.constexpr):
+    # one row: log-sum-exp by the online softmax (a running max and a sum rescaled to it),
+    # then the row's gradient written over its logits
+    row = Logits + tl.program_id(0).to(tl.int64) * stride_row
+    target = tl.load(Targets + tl.program_id(0))
+    top, total = float("-inf"), 0.0
+    for c in range(0, n_cols, BLOCK):
+        cols = c + tl.arange(0, BLOCK)
+        z = tl.load(row + cols * stride_col, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        new_top = tl.maximum(top, tl.max(z, axis=0))
+        total = total * tl.exp(top - new_top) + tl.sum(tl.exp(z - new_top), axis=0)
+        top = new_top
+    lse = top + tl.log(total)
+    tl.store(Loss + tl.program_id(0), lse - tl.load(row + target * stride_col).to(tl.float32))
+    for c in range(0, n_cols, BLOCK):
+        cols = c + tl.arange(0, BLOCK)
+        z = tl.load(row + cols * stride_col, mask=cols < n_cols, other=0.0).to(tl.float32)
+        grad = tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0)
+        tl.store(row + cols * stride_col, (grad * scale).to(Logits.dtype.element_ty), mask=cols < n_cols)
+
+
+# best of a sweep on an H100 at 4,096 rows of 50,304 in bf16: 0.38 ms (4,096 over 8 warps 0.42;
+# the compiled twin 1.09)
+CROSS_ENTROPY = dict(BLOCK=16384, num_warps=16)
+
+
+def softmax_cross_entropy_triton(logits, targets, scale):
+    """The rows' losses, and their gradients in place of the logits (as liger-kernel's cross-entropy
+    does): the logits are read twice and written once, where the compiled twin read them three
+    times and wrote a copy."""
+    loss = torch.empty(logits.size(0), device=logits.device, dtype=torch.float32)
+    _cross_entropy_kernel[(logits.size(0),)](logits, targets, loss, logits.size(1), *logits.stride(), scale,
+                                             **CROSS_ENTROPY)
+    return loss, logits

@@ -360,14 +360,13 @@ FFN_CLASSES = {"mlp": MLP, "moe": MoE, "latent_moe": LatentMoE, "mh_moe": MHMoE,
 CE_CHUNK = 4096  # rows of logits at a time: 0.4 GB in bf16 at GPT-2's vocabulary
 
 
-def softmax_cross_entropy(logits, targets, scale):
-    """Each row's cross-entropy, and scale times its gradient with respect to the logits (in their
-    dtype); fp32 within."""
-    z = logits.float()
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)
-    loss = (lse - z.gather(1, targets[:, None])).squeeze(1)
-    grad = torch.exp(z - lse).scatter_add(1, targets[:, None], -torch.ones_like(lse))  # softmax - one-hot
-    return loss, (grad * scale).to(logits.dtype)
+def add_matmul(out, a, b):
+    """out += a @ b, out in fp32 and a, b in the compute dtype: on CUDA in the GEMM's epilogue, where
+    a product in the compute dtype would be written, cast to fp32 and added, 1 GB a chunk in all."""
+    if out.is_cuda and out.dtype != a.dtype:
+        torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+    else:
+        out += (a @ b).to(out.dtype)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -376,22 +375,23 @@ class LinearCrossEntropy(torch.autograd.Function):
     (N, V) logits never exist whole, nor in fp32 (a micro-batch of 16,384 tokens held 3.3 GB
     of them). Each chunk's logits give its losses and at once their gradient, which goes
     into dX and dW before the next chunk (liger-kernel's fused linear cross-entropy, in
-    PyTorch); backward only scales them. The softmax of a chunk is one compiled kernel on CUDA.
+    PyTorch); backward only scales them. On CUDA a chunk's softmax is one Triton kernel
+    (kernels.softmax_cross_entropy), and its dW is added in fp32 by the GEMM itself.
     """
     @staticmethod
     def forward(ctx, x, weight, targets):
         n, w = x.size(0), kernels.compute_copy(weight, x.dtype)
-        rows = kernels.compiled(softmax_cross_entropy) if x.is_cuda else softmax_cross_entropy
         total = torch.zeros((), device=x.device)
         grads = any(ctx.needs_input_grad)  # not when evaluating
         dx, dw = (torch.empty_like(x), torch.zeros_like(weight)) if grads else (None, None)
         for i in range(0, n, CE_CHUNK):
             xc = x[i:i + CE_CHUNK]
-            loss, dlogits = rows(xc @ w.t(), targets[i:i + CE_CHUNK], 1 / n)  # d mean / d logits
+            # each row's loss, and d mean / d logits
+            loss, dlogits = kernels.softmax_cross_entropy(xc @ w.t(), targets[i:i + CE_CHUNK], 1 / n)
             total += loss.sum()
             if grads:
                 dx[i:i + CE_CHUNK] = dlogits @ w
-                dw += (dlogits.t() @ xc).to(dw.dtype)
+                add_matmul(dw, dlogits.t(), xc)
         ctx.save_for_backward(dx, dw)
         return total / n
 
@@ -401,7 +401,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return dx * grad.to(dx.dtype), dw * grad, None
 
 
-@torch.compiler.disable  # a loop of chunks; its softmax compiles on its own
+@torch.compiler.disable  # a loop of chunks, each a few kernels
 def linear_cross_entropy(x, weight, targets):
     """The language model's loss, F.cross_entropy(x @ weight^T, targets), with x and weight in
     the autocast dtype where autocast is on."""

@@ -803,24 +803,48 @@ def test_fused_experts_add_each_micro_batchs_weight_gradients_to_grad(chunked, m
         assert torch.linalg.norm(a.grad.double() - b.grad) / torch.linalg.norm(b.grad) < 1e-5
 
 
-@pytest.mark.parametrize("rows,chunk", [(37, 8), (16, 16), (5, 4096)])
-def test_chunked_linear_cross_entropy_matches_fp64(rows, chunk, monkeypatch):
-    # chunks of 8 rows leave a partial last one; the gradients are formed in the forward
+@pytest.mark.parametrize("rows,chunk,dtype", [(37, 8, torch.float32), (16, 16, torch.float32),
+                                             (5, 4096, torch.float32), (37, 8, torch.bfloat16)])
+def test_chunked_linear_cross_entropy_matches_fp64(rows, chunk, dtype, monkeypatch):
+    # chunks of 8 rows leave a partial last one; the gradients are formed in the forward. In
+    # bf16 on CUDA, dW is added to its fp32 buffer by the GEMM (add_matmul)
     monkeypatch.setattr("model.CE_CHUNK", chunk)
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(rows, 24, generator=g), torch.randn(101, 24, generator=g)
     targets = torch.randint(0, 101, (rows,), generator=g)
-    got_in = [t.to(DEV).requires_grad_() for t in (x, w)]
-    want_in = [t.detach().double().requires_grad_() for t in (x, w)]
+    got_in = [x.to(DEV, dtype).requires_grad_(), w.to(DEV).requires_grad_()]  # the weight: fp32 master
+    want_in = [t.detach().to(dtype).double().requires_grad_() for t in (x, w)]
     got = linear_cross_entropy(*got_in, targets.to(DEV))
     want = F.cross_entropy(want_in[0] @ want_in[1].t(), targets)
     (got * 3).backward()  # the incoming gradient scales the stored ones
     (want * 3).backward()
-    assert abs(got.item() - want.item()) < 1e-5 * abs(want.item())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert abs(got.item() - want.item()) < tol * abs(want.item())
     for a, b in zip(got_in, want_in):
-        assert torch.linalg.norm(a.grad.double().cpu() - b.grad) / torch.linalg.norm(b.grad) < 1e-5
+        assert a.grad.dtype == a.dtype
+        assert torch.linalg.norm(a.grad.double().cpu() - b.grad) / torch.linalg.norm(b.grad) < tol
     with torch.no_grad():  # evaluation: the loss alone
         assert linear_cross_entropy(*got_in, targets.to(DEV)).item() == got.item()
+
+
+@pytest.mark.parametrize("dtype,transposed", [(torch.float32, False), (torch.bfloat16, False),
+                                               (torch.bfloat16, True)])
+def test_triton_cross_entropy_matches_fp64_and_writes_its_gradient_over_the_logits(dtype, transposed, monkeypatch):
+    # 1,000 classes in blocks of 256: the online softmax crosses blocks and ends on a partial one;
+    # transposed: rows whose classes are not adjacent in memory
+    monkeypatch.setitem(kernels.CROSS_ENTROPY, "BLOCK", 256)
+    g = torch.Generator().manual_seed(0)
+    z = (4 * torch.randn(7, 1000, generator=g)).to(dtype)
+    targets = torch.randint(0, 1000, (7,), generator=g)
+    want_z = z.double().requires_grad_()
+    want = F.cross_entropy(want_z, targets, reduction="none")
+    want.sum().backward()
+    logits = (z.t().contiguous().t() if transposed else z.clone()).to(DEV)
+    loss, grad = kernels.softmax_cross_entropy_triton(logits, targets.to(DEV), 0.25)
+    assert grad.data_ptr() == logits.data_ptr() and grad.dtype == dtype and grad.stride() == logits.stride()
+    assert torch.allclose(loss.double().cpu(), want.detach(), rtol=1e-5, atol=1e-6)  # fp32 math on the inputs
+    rtol = 1e-5 if dtype == torch.float32 else 2 ** -7  # within a step of the logits' dtype
+    assert torch.allclose(grad.double().cpu(), 0.25 * want_z.grad, rtol=rtol, atol=1e-7)
 
 
 def test_a_weight_cast_once_takes_each_micro_batchs_gradient_in_its_own_dtype():
