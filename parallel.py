@@ -117,6 +117,26 @@ def average_gradients(model):
             offset += g.numel()
 
 
+def grad_norm(params):
+    """
+    The gradients' global 2-norm, as one process holding the whole model computes it, for
+    clipping: every rank holds only its expert shards, so a rank's own norm misses the others'
+    (and ranks clipping by their own norms would step their dense replicas apart). After
+    average_gradients a shard's gradient is the same on each of the r ranks replicating it, so
+    summing ||g||^2 / r over all ranks counts every shard once.
+    """
+    groups = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault(getattr(p, "replicas", None), []).append(p.grad)
+    if not distributed():
+        return torch.nn.utils.get_total_norm([g for grads in groups.values() for g in grads])
+    square = sum(torch.nn.utils.get_total_norm(grads) ** 2 / dist.get_world_size(group)
+                 for group, grads in groups.items())
+    dist.all_reduce(square)
+    return square.sqrt()
+
+
 @torch.no_grad()
 def update_router_biases(model, rate):
     """

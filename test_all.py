@@ -992,6 +992,11 @@ def parallel_worker(rank, world, mode, size, skew, store, backend="gloo", ffn=No
     parallel.average_gradients(model)
     torch.testing.assert_close(parallel.mean_over_ranks(loss.detach()), ref_loss.detach(), rtol=rtol, atol=0)
     ref_grads = dict(reference.named_parameters())
+    # the norm that clips: of the sharded tensors alone, since they hold little of the whole's
+    sharded = [name for name, _ in model.named_parameters() if name in model.shard_dims]
+    torch.testing.assert_close(parallel.grad_norm(p for name, p in model.named_parameters() if name in sharded),
+                               torch.nn.utils.get_total_norm([ref_grads[name].grad for name in sharded]),
+                               rtol=rtol, atol=0)
     for name, p in model.named_parameters():
         want = ref_grads[name].grad
         dims = model.shard_dims.get(name)

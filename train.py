@@ -662,10 +662,13 @@ def main(argv, on_step=None):
             (loss / accum).backward()
             loss_sum += loss.detach()
         parallel.average_gradients(model)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a["grad_clip"]).item()
-        # one all-reduce tells every rank the global loss and whether any rank was signalled
-        loss, stop = parallel.mean_over_ranks(
-            torch.stack([loss_sum / accum, torch.tensor(float(bool(interrupted)), device=device)])).tolist()
+        norm = parallel.grad_norm(model.parameters())
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), a["grad_clip"], norm)
+        # one all-reduce tells every rank the global loss and whether any rank was signalled;
+        # the host reads the device once in the step
+        loss_stop = parallel.mean_over_ranks(
+            torch.stack([loss_sum / accum, torch.tensor(float(bool(interrupted)), device=device)]))
+        loss, stop, norm = torch.cat([loss_stop, norm.view(1).to(loss_stop.dtype)]).tolist()
         finite = math.isfinite(loss) and math.isfinite(norm)
         if finite:
             optimizer.step()
