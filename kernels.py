@@ -83,8 +83,8 @@ def _unpack_index(key):
 
 
 @triton.jit
-def _route_fwd_kernel(X, W, WParts, Bias, Scores, Index, n_tok, n_expert,
-                      sx_n, sx_h, sx_d, sw_h, sw_d, sw_e, sw_part, sb_h,
+def _route_fwd_kernel(X, W, WParts, WT, Bias, Scores, Index, n_tok, n_expert,
+                      sx_n, sx_h, sx_d, sw_h, sw_d, sw_e, sw_part, swt_h, swt_e, sb_h,
                       D: tl.constexpr, BLOCK_D: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, SPLIT: tl.constexpr):
     pid, h = tl.program_id(0), tl.program_id(1)
@@ -120,12 +120,13 @@ def _route_fwd_kernel(X, W, WParts, Bias, Scores, Index, n_tok, n_expert,
             best = tl.where(best == top[:, None], EMPTY_KEY, best)
         best = merged
     # lines 12-13: unpack the indices; the unbiased scores are recomputed exactly
-    # from the k selected columns rather than as (s + b) - b, which would round
+    # from the k selected columns rather than as (s + b) - b, which would round; the
+    # columns are read as rows of W^T, whose gathers coalesce
     index = _unpack_index(best)
     out_ok = row_ok[:, None] & (slots[None, :] < K)
     for j in tl.static_range(K):
         e = tl.sum(tl.where(slots[None, :] == j, index, 0), axis=1)
-        w = tl.load(W + h * sw_h + dims[None, :] * sw_d + e[:, None] * sw_e,
+        w = tl.load(WT + h * swt_h + e[:, None] * swt_e + dims[None, :],
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         s = tl.sum(x.to(tl.float32) * w, axis=1)
         tl.store(Scores + (rows[:, None] * tl.num_programs(1) + h) * K + slots[None, :],
@@ -209,6 +210,12 @@ def router_parts(weight):
     return weight_cache(weight, "bf16_parts", split_bf16)
 
 
+def transposed_router(weight):
+    """The router (N_h, d_h, N_e) as (N_h, N_e, d_h), so that gathers of an expert's column
+    coalesce; made once per optimizer step (weight_cache)."""
+    return weight_cache(weight, "transposed", lambda w: w.transpose(1, 2).contiguous())
+
+
 class TritonRoute(torch.autograd.Function):
     """parts: the router's three bf16 parts (router_parts), for bf16 sub-tokens on a GPU; else None."""
     @staticmethod
@@ -226,10 +233,11 @@ class TritonRoute(torch.autograd.Function):
         block_e = ROUTE["BLOCK_E"] if k <= 4 and dim <= 128 else ROUTE["BLOCK_E"] // 2
         split = parts is not None
         parts = parts if split else weight
+        wt = transposed_router(weight)
         grid = (triton.cdiv(n_tok, block_n), n_heads)
         _route_fwd_kernel[grid](
-            x3, weight, parts, bias, scores, index, n_tok, n_expert,
-            *x3.stride(), *weight.stride(), parts.stride(0), bias.stride(0),
+            x3, weight, parts, wt, bias, scores, index, n_tok, n_expert,
+            *x3.stride(), *weight.stride(), parts.stride(0), wt.stride(0), wt.stride(1), bias.stride(0),
             D=dim, BLOCK_D=triton.next_power_of_2(dim), K=k, KP=max(triton.next_power_of_2(k), 2),
             BLOCK_N=block_n, BLOCK_E=block_e, SPLIT=split, num_warps=ROUTE["num_warps"])
         ctx.save_for_backward(x3, weight, index)
@@ -259,8 +267,7 @@ class TritonRoute(torch.autograd.Function):
             dw = dwt.view(n_heads, n_expert, dim).transpose(1, 2)
             del order, starts, chunks, partial
         if ctx.needs_input_grad[0]:
-            # (N_h, N_e, d_h), so that the kernel's row gathers coalesce; made once per optimizer step
-            wt = weight_cache(weight, "transposed", lambda w: w.transpose(1, 2).contiguous())
+            wt = transposed_router(weight)
             dx = torch.empty(n_tok, n_heads, dim, device=x3.device, dtype=ctx.x_dtype)  # fp32 sums, stored once
             _route_dx_kernel[(triton.cdiv(n_tok, ROUTE_DX_BLOCK_N), n_heads)](
                 ds, index, wt, dx, n_tok, wt.stride(0), wt.stride(1),
