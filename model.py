@@ -361,8 +361,8 @@ CE_CHUNK = 4096  # rows of logits at a time: 0.4 GB in bf16 at GPT-2's vocabular
 
 
 def add_matmul(out, a, b):
-    """out += a @ b, out in fp32 and a, b in the compute dtype: on CUDA in the GEMM's epilogue, where
-    a product in the compute dtype would be written, cast to fp32 and added, 1 GB a chunk in all."""
+    """out += a @ b, out in fp32 and a, b in the compute dtype. On CUDA the GEMM adds in its epilogue;
+    a product in the compute dtype, cast and then added, moved 1 GB a chunk of the loss."""
     if out.is_cuda and out.dtype != a.dtype:
         torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
     else:

@@ -665,7 +665,7 @@ def main(argv, on_step=None):
         norm = parallel.grad_norm(model.parameters())
         torch.nn.utils.clip_grads_with_norm_(model.parameters(), a["grad_clip"], norm)
         # one all-reduce tells every rank the global loss and whether any rank was signalled;
-        # the host reads the device once in the step
+        # one read of the device brings them and the norm to the host
         loss_stop = parallel.mean_over_ranks(
             torch.stack([loss_sum / accum, torch.tensor(float(bool(interrupted)), device=device)]))
         loss, stop, norm = torch.cat([loss_stop, norm.view(1).to(loss_stop.dtype)]).tolist()
