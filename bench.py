@@ -418,7 +418,7 @@ def bench_e2e(argv):
     changed = [arg.removeprefix("--") for arg in rest if arg.removeprefix("--").partition("=")[0] in fields]
     row = {"model": " ".join([a["preset"] or config.ffn] + changed), "parallel": a["parallel"], "GPUs": world,
            "routing": routing,
-           "global batch": a["batch_tokens"], "step ms": ms, "tokens/s": tps,
+           "global batch": a["batch_tokens"], "micro-batch": a["batch_size"], "step ms": ms, "tokens/s": tps,
            "MFU %": 100 * flops * tps / (world * a["peak_tflops"] * 1e12) if gpu else "-",
            "peak GiB": steps[-1]["peak_gib"] or "-",
            "load max/mean": max(steps[timed_end - 1]["load_max_over_mean"], default="-"),  # worst layer
@@ -435,13 +435,13 @@ def bench_e2e(argv):
             print(f"  {v:9.2f}  {kernel_part(name):10s}  {name[:110]}")
     path = os.path.join(OUT, "e2e.json")
     rows = json.load(open(path))["rows"] if os.path.exists(path) else []
-    key = ("model", "parallel", "GPUs", "routing")
+    key = ("model", "parallel", "GPUs", "routing", "micro-batch")
     rows = [r for r in rows if [r.get(c) for c in key] != [row[c] for c in key]]
     report("e2e", rows + [row], E2E_COLUMNS, throughput_bars)
 
 
-E2E_COLUMNS = (["model", "parallel", "GPUs", "routing", "global batch", "step ms", "tokens/s", "MFU %", "peak GiB",
-                "load max/mean"] + [f"{part} ms" for part, _ in STEP_PARTS]
+E2E_COLUMNS = (["model", "parallel", "GPUs", "routing", "global batch", "micro-batch", "step ms", "tokens/s", "MFU %",
+                "peak GiB", "load max/mean"] + [f"{part} ms" for part, _ in STEP_PARTS]
                + ["other ms", "device idle %", "exchange beside compute ms"])
 
 
@@ -452,6 +452,7 @@ def throughput_bars(rows, path):
     fig, ax = plt.subplots(figsize=(max(4, 1.5 * len(rows)), 4.5))
     colors = {"hp": "C0", "ep": "C1", "dp": "C2"}
     ax.bar([f"{r['model'].replace(' ', chr(10))}\n{r['parallel']} x{r['GPUs']}\n{r.get('routing', 'init')}"
+            + (f"\nB={r['micro-batch']}" if "micro-batch" in r else "")  # rows older than the column lack it
             for r in rows], [r["tokens/s"] for r in rows], color=[colors[r["parallel"]] for r in rows])
     ax.tick_params(axis="x", labelsize=8)
     ax.set(ylabel="tokens/s", title="training throughput")

@@ -1373,10 +1373,11 @@ def test_end_to_end_benchmark_reports_throughput(corpus, tmp_path, monkeypatch):
     bench.bench_e2e(args + ["--bench_warmup=1", "--bench_steps=2", "--bench_balance=3"])
     rows = json.load(open(tmp_path / "e2e.json"))["rows"]
     assert len(rows) == 1 and rows[0]["tokens/s"] > 0 and rows[0]["parallel"] == "dp"
-    for extra in ("--bench_balance=0", "--route_skew=5"):  # rows of their own
+    for extra in ("--bench_balance=0", "--route_skew=5", "--batch_size=2"):  # rows of their own
         bench.bench_e2e(args + ["--bench_warmup=1", "--bench_steps=1", extra])
     rows = json.load(open(tmp_path / "e2e.json"))["rows"]
-    assert [r["routing"] for r in rows] == ["balanced", "init", "route_skew=5"]
+    assert [(r["routing"], r["micro-batch"]) for r in rows] == [("balanced", 4), ("init", 4), ("route_skew=5", 4),
+                                                                ("balanced", 2)]
     # the worst layer's load: below every token on the same k experts, unless skewed
     assert all(1 <= r["load max/mean"] < SMALL["n_expert"] / SMALL["topk"] for r in rows[:2])
     assert rows[2]["load max/mean"] == pytest.approx(SMALL["n_expert"] / SMALL["topk"])
