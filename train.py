@@ -48,7 +48,7 @@ DEFAULTS = dict(
     # batch: micro-batches of batch_size sequences, accumulated to batch_tokens per step
     batch_size=16, batch_tokens=655_360,
     # optimizer and trapezoidal schedule (warmup, constant, linear decay)
-    lr=5e-4, min_lr=0.0, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
+    lr=5e-4, min_lr=0.0, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,  # grad_clip=0: none
     max_steps=15_000, warmup_steps=8000, decay_steps=2000,
     bias_update_rate=1e-3,     # u of the aux-loss-free load balancing
     balance_steps=0,           # forward-only steps before training that move only the router biases
@@ -126,6 +126,8 @@ def check_args(a):
         bad("lr" if a["lr"] <= 0 else "min_lr", "need 0 <= min_lr <= lr and lr > 0")
     if a["route_skew"] < 0:
         bad("route_skew", "it must be at least 0 (0 turns it off)")
+    if a["grad_clip"] < 0:
+        bad("grad_clip", "it must be at least 0 (0 turns clipping off)")
     if a["device"] not in ("auto", "cpu", "cuda"):
         bad("device", "choose auto, cpu or cuda")
     if a["overlap"] and a["parallel"] == "dp":
@@ -662,8 +664,9 @@ def main(argv, on_step=None):
             (loss / accum).backward()
             loss_sum += loss.detach()
         parallel.average_gradients(model)
-        norm = parallel.grad_norm(model.parameters())
-        torch.nn.utils.clip_grads_with_norm_(model.parameters(), a["grad_clip"], norm)
+        norm = parallel.grad_norm(model.parameters())  # logged, and checked for non-finite values
+        if a["grad_clip"]:
+            torch.nn.utils.clip_grads_with_norm_(model.parameters(), a["grad_clip"], norm)
         # one all-reduce tells every rank the global loss and whether any rank was signalled;
         # one read of the device brings them and the norm to the host
         loss_stop = parallel.mean_over_ranks(
