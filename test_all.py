@@ -219,6 +219,10 @@ def test_bad_model_config_is_named(kw, words):
     (["--max_bad_steps=0"], ["--max_bad_steps=0", "at least 1"]),
     (["--route_skew=-1"], ["--route_skew=-1.0", "0 turns it off"]),
     (["--grad_clip=-1"], ["--grad_clip=-1.0", "0 turns clipping off"]),
+    (["--beta2=1"], ["--beta2=1.0", "[0, 1)"]),
+    (["--weight_decay=-0.1"], ["--weight_decay=-0.1", "negative"]),
+    (["--collapse_share=0"], ["--collapse_share=0.0", "(0, 1]"]),
+    (["--peak_tflops=0"], ["--peak_tflops=0.0", "positive"]),
     (["--overlap=1"], ["--overlap=True", "--parallel=hp or ep"]),
 ])
 def test_bad_cli_is_named(argv, words):
@@ -232,7 +236,7 @@ def test_grad_clip_0_turns_clipping_off(corpus, tmp_path):
     # as in nanoGPT: 0 trains as an unreachable bound does, where a bound of 0 would zero every gradient
     runs = {clip: str(tmp_path / str(clip)) for clip in (0.0, 1e9, 1e-3)}
     for clip, out in runs.items():
-        train.main(run_args(corpus, out, max_steps=3, warmup_steps=0, decay_steps=0, grad_clip=clip))
+        train.main(run_args(corpus, out, max_steps=2, warmup_steps=0, decay_steps=0, grad_clip=clip))
     assert losses(runs[0.0]) == losses(runs[1e9]) != losses(runs[1e-3])
 
 

@@ -128,6 +128,16 @@ def check_args(a):
         bad("route_skew", "it must be at least 0 (0 turns it off)")
     if a["grad_clip"] < 0:
         bad("grad_clip", "it must be at least 0 (0 turns clipping off)")
+    for key in ("beta1", "beta2"):
+        if not 0 <= a[key] < 1:
+            bad(key, "AdamW's betas lie in [0, 1)")
+    for key in ("weight_decay", "bias_update_rate"):
+        if a[key] < 0:
+            bad(key, "it cannot be negative")
+    if not 0 < a["collapse_share"] <= 1:
+        bad("collapse_share", "it is a share of a layer's tokens, in (0, 1]")
+    if a["peak_tflops"] <= 0:
+        bad("peak_tflops", "the device's peak TFLOP/s, for MFU, is positive (989 for an H100's dense bf16)")
     if a["device"] not in ("auto", "cpu", "cuda"):
         bad("device", "choose auto, cpu or cuda")
     if a["overlap"] and a["parallel"] == "dp":
