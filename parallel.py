@@ -93,6 +93,16 @@ def mean_over_ranks(t):
     return t
 
 
+def grads_by_replicas(params):
+    """The parameters' gradients, in order, grouped by the process group of the ranks that hold
+    the same copy of each (`replicas`, set by shard_model; None: every rank)."""
+    groups = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault(getattr(p, "replicas", None), []).append(p.grad)
+    return groups
+
+
 def average_gradients(model):
     """
     Average gradients as one process holding the whole global batch would see
@@ -102,12 +112,10 @@ def average_gradients(model):
     """
     if not distributed():
         return
-    groups = {}
     for p in model.parameters():
         if p.grad is None:  # e.g. experts that received no token: every rank must send the same sizes
             p.grad = torch.zeros_like(p)
-        groups.setdefault(getattr(p, "replicas", None), []).append(p.grad)
-    for group, grads in groups.items():
+    for group, grads in grads_by_replicas(model.parameters()).items():
         flat = torch.cat([g.flatten() for g in grads])
         dist.all_reduce(flat, group=group)
         flat /= dist.get_world_size()
@@ -125,10 +133,7 @@ def grad_norm(params):
     average_gradients a shard's gradient is the same on each of the r ranks replicating it, so
     summing ||g||^2 / r over all ranks counts every shard once.
     """
-    groups = {}
-    for p in params:
-        if p.grad is not None:
-            groups.setdefault(getattr(p, "replicas", None), []).append(p.grad)
+    groups = grads_by_replicas(params)
     if not distributed():
         return torch.nn.utils.get_total_norm([g for grads in groups.values() for g in grads])
     square = sum(torch.nn.utils.get_total_norm(grads) ** 2 / dist.get_world_size(group)
