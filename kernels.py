@@ -340,11 +340,13 @@ def cluster_by_expert(idx, n_expert):
     Fig. 2's clustering: sort the (token, head, slot) pairs by (head, expert), stably.
     idx: (N, N_h, k). Returns the flat pair indices (into N*N_h*k) in clustered order
     and the group boundaries, (N_h * N_e + 1,): the pairs of group g = head * N_e + expert
-    are order[starts[g]:starts[g + 1]]. Static shapes throughout (no bincount).
+    are order[starts[g]:starts[g + 1]]. Slots of expert -1 (absent, expert_ffn) come last,
+    in no group. Static shapes throughout (no bincount).
     """
     N, n_sets, k = idx.shape
     head = torch.arange(n_sets, device=idx.device, dtype=torch.int32).view(1, -1, 1)
-    group = (idx.int() + head * n_expert).flatten()  # int32 keys: half the sort's memory of int64
+    # int32 keys: half the sort's memory of int64; an absent slot (-1) sorts after every group
+    group = torch.where(idx >= 0, idx.int() + head * n_expert, n_sets * n_expert).flatten()
     order = torch.argsort(group, stable=True)
     bounds = torch.arange(n_sets * n_expert + 1, device=idx.device, dtype=torch.int32)
     return order, torch.searchsorted(group[order], bounds)
@@ -412,18 +414,25 @@ EXPERT_KERNELS = ("fused", "flex", "grouped")  # expert_ffn's paths on CUDA
 FUSED_MAX_ROW_BYTES = 512  # the fused kernels keep whole sub-token rows in shared memory
 
 
-def expert_ffn(x, idx, gates, w1, w2, kernel="fused"):
+def expert_ffn(x, idx, gates, w1, w2, kernel="fused", absent=False):
     """
     x: (N, N_h, d_h) sub-tokens; idx, gates: (N, N_h, k);
     w1, w2: (N_h, N_e, d_e, d_h). Returns (N, N_h, d_h).
     On CUDA the kernel named ("fused", "flex" or "grouped"), the plain twin elsewhere.
     Rows too wide for a kernel take the next: fused up to 512 bytes a row (d_h 256 in
     bf16, 128 in fp32), flex up to d_h = 256, grouped beyond.
+    absent: idx may hold -1, a slot whose expert is not here (another rank's, under HP x EP):
+    it adds nothing and its gate gets no gradient. The fused path skips such pairs; the
+    others compute them with expert 0 at gate 0.
     """
     check_expert_args(x, idx, gates, w1, w2)
-    if not x.is_cuda or x.size(0) == 0:
-        return expert_ffn_reference(x, idx, gates, w1, w2)
-    return expert_path(x, kernel)(x, idx, gates, w1, w2)
+    path = expert_path(x, kernel) if x.is_cuda and x.size(0) else expert_ffn_reference
+    if path is expert_ffn_fused:
+        return path(x, idx, gates, w1, w2, absent)
+    if absent:
+        here = idx >= 0
+        idx, gates = idx.clamp_min(0), gates * here
+    return path(x, idx, gates, w1, w2)
 
 
 def expert_path(x, kernel):
@@ -721,19 +730,21 @@ class FusedExperts(torch.autograd.Function):
     (keep the pre-activations). Returns (N * S, d). The kernels read x and write each pair's
     gated output through order, so no clustered copy exists; the sum over k follows.
     Between forward and backward it keeps the pre-activations x W1^T, (N * S * k, d_e)
-    in clustered order, and no hidden unit nor any copy of x.
+    in clustered order, and no hidden unit nor any copy of x. absent: some pairs are in
+    no group (cluster_by_expert); no tile covers them, so their outputs and gradients
+    are zeros, set beforehand.
     """
     @staticmethod
-    def forward(ctx, x, gates, w1, w2, order, starts, k, param1, param2, save):
+    def forward(ctx, x, gates, w1, w2, order, starts, k, param1, param2, save, absent):
         hidden = w1.size(-2)
         config, ctx.dw_config = fused_tiles(x.size(1), order.numel() / w1.size(0))
         tiles = glue(tile_table, x)(starts, order.numel(), config["BLOCK_M"])
-        y = x.new_empty(order.numel(), x.size(1))
+        y = (x.new_zeros if absent else x.new_empty)(order.numel(), x.size(1))
         pre = x.new_empty(order.numel() if save else 0, hidden)
         _fused_experts_fwd_kernel[(tiles[0].numel(),)](
             x, gates, w1, w2, y, pre, order, *tiles, hidden, k, **fused_launch(x, config), SAVE_PRE=save)
         ctx.save_for_backward(x, gates, w1, w2, pre, order, starts, *tiles)
-        ctx.k, ctx.config, ctx.params = k, config, (param1, param2)
+        ctx.k, ctx.config, ctx.params, ctx.absent = k, config, (param1, param2), absent
         return sum_over_k(y, k)
 
     @staticmethod
@@ -741,14 +752,15 @@ class FusedExperts(torch.autograd.Function):
         x, gates, w1, w2, pre, order, starts, *tiles = ctx.saved_tensors
         _, hidden, dim = w1.shape
         dout = dout.to(x.dtype).contiguous()  # it arrives in fp32 from compiled graphs on CUDA; read 3 times
-        dx = x.new_empty(order.numel(), dim)  # per pair
+        new = x.new_zeros if ctx.absent else x.new_empty
+        dx = new(order.numel(), dim)  # per pair
         dpre = torch.empty_like(pre)
-        dgates = torch.empty(order.numel(), device=x.device, dtype=torch.float32)
+        dgates = new(order.numel(), dtype=torch.float32)
         _fused_experts_dx_kernel[(tiles[0].numel(),)](
             dout, gates, w1, w2, pre, dx, dpre, dgates, order, *tiles, hidden, ctx.k, **fused_launch(x, ctx.config))
         if any(ctx.needs_input_grad[7:9]):  # the weights' gradients, into their .grad
             fused_weight_gradients(ctx, x, dout, gates, pre, dpre, order, starts)
-        return sum_over_k(dx, ctx.k), dgates.to(gates.dtype), *[None] * 8
+        return sum_over_k(dx, ctx.k), dgates.to(gates.dtype), *[None] * 9
 
 
 def fused_weight_gradients(ctx, x, dout, gates, pre, dpre, order, starts):
@@ -854,8 +866,9 @@ def cast_once(w, dtype):
     return CastOnce.apply(weight_parameter(w), dtype).view(w.shape)
 
 
-def expert_ffn_fused(x, idx, gates, w1, w2):
-    """The fused Triton grouped GEMM over the clustered pairs (CUDA, or the interpreter)."""
+def expert_ffn_fused(x, idx, gates, w1, w2, absent=False):
+    """The fused Triton grouped GEMM over the clustered pairs (CUDA, or the interpreter);
+    absent: as expert_ffn's."""
     N, n_sets, dim = x.shape
     n_expert, hidden = w1.size(1), w1.size(2)
     order, starts = glue(cluster_by_expert, x)(idx, n_expert)
@@ -863,7 +876,7 @@ def expert_ffn_fused(x, idx, gates, w1, w2):
     w1c, w2c = (compute_copy(p, x.dtype).view(n_sets * n_expert, hidden, dim) for p in params)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gates, *params))
     y = FusedExperts.apply(x.reshape(N * n_sets, dim).contiguous(), gates.flatten().contiguous(),
-                           w1c, w2c, order, starts, idx.size(-1), *params, save)
+                           w1c, w2c, order, starts, idx.size(-1), *params, save, absent)
     return y.view(N, n_sets, dim)
 
 

@@ -816,6 +816,29 @@ def test_fused_experts_add_each_micro_batchs_weight_gradients_to_grad(chunked, m
         assert torch.linalg.norm(a.grad.double() - b.grad) / torch.linalg.norm(b.grad) < 1e-5
 
 
+@pytest.mark.parametrize("here", [0.5, 0.0])
+def test_fused_experts_skip_absent_slots_which_add_nothing(here):
+    # HP x EP's gathered rows: a slot of expert -1 is another rank's; it adds nothing and its
+    # gate gets no gradient (here = 0: no slot is this rank's, as under skewed routing). The
+    # oracle: the fp64 reference with those slots at expert 0 and gate 0
+    x, idx, gates, w1, w2 = expert_inputs(37, 2, 16, 6, 40, 3, "uniform")
+    absent = torch.rand(idx.shape, generator=torch.Generator().manual_seed(3)).to(DEV) >= here
+    idx = torch.where(absent, -1, idx)
+    got_in = [t.clone().requires_grad_() for t in (x, gates, w1, w2)]
+    want_in = [t.double().requires_grad_() for t in (x, gates, w1, w2)]
+    got = kernels.expert_ffn_fused(got_in[0], idx, *got_in[1:], absent=True)
+    want = kernels.expert_ffn_reference(want_in[0], idx.clamp_min(0), want_in[1] * ~absent, *want_in[2:])
+    g = torch.randn_like(want)
+    got.backward(g.float())
+    want.backward(g)
+    assert torch.linalg.norm(got.double() - want) / torch.linalg.norm(want).clamp_min(1e-30) < 1e-5
+    for a, b in zip(got_in, want_in):
+        assert torch.linalg.norm(a.grad.double() - b.grad) / torch.linalg.norm(b.grad).clamp_min(1e-30) < 1e-5
+    assert not got_in[1].grad[absent].any()
+    if here == 0:
+        assert not got.any() and not any(t.grad.any() for t in got_in)
+
+
 @pytest.mark.parametrize("rows,chunk,dtype", [(37, 8, torch.float32), (16, 16, torch.float32),
                                              (5, 4096, torch.float32), (37, 8, torch.bfloat16)])
 def test_chunked_linear_cross_entropy_matches_fp64(rows, chunk, dtype, monkeypatch):
@@ -1021,7 +1044,10 @@ def parallel_worker(rank, world, mode, size, skew, store, backend="gloo", ffn=No
         hp, ep = getattr(m, "head_parallel", None), getattr(m, "expert_parallel", None)
         if hp is not None:  # static, equal and routing-independent: N rows (of a half: N / 2) to each peer
             assert hp.splits == [2 * config.block_size // (2 if overlap else 1)] * layout.heads
-        if ep is not None and skew:  # EP's traffic follows the routing: some ranks get no pair
+        if isinstance(ep, parallel.GatheredExpertParallel):  # HP x EP: every row to each of the E, skewed or not
+            rows = 2 * config.block_size * layout.heads // (2 if overlap else 1)
+            assert ep.splits == [rows] * layout.experts, ep.splits
+        elif ep is not None and skew:  # EP's traffic follows the routing: some ranks get no pair
             assert min(ep.splits[1]) == 0 or min(ep.splits[0]) < max(ep.splits[0]) / 2, ep.splits
             # a (token, set) row crosses once to a rank holding several of its experts (most hold
             # two or three of experts 1-3), not once per expert; the rows reaching EP are all H
@@ -1048,7 +1074,8 @@ def test_expert_parallel_survives_ranks_that_receive_no_pair(ffn):
 
 
 @pytest.mark.parametrize("mode,world,ep_size,overlap", [("hp", 2, 1, False), ("ep", 2, 1, False), ("hp", 2, 1, True),
-                                                       ("ep", 2, 1, True), ("hp", 4, 2, False), ("hp", 4, 2, True)])
+                                                       ("ep", 2, 1, True), ("hp", 2, 2, False), ("hp", 4, 2, False),
+                                                       ("hp", 4, 2, True)])
 def test_parallel_equals_one_process_under_nccl_in_bf16(mode, world, ep_size, overlap):
     if torch.cuda.device_count() < world:
         pytest.skip(f"NCCL at {world} ranks needs {world} GPUs")
