@@ -526,22 +526,23 @@ class GatheredExpertParallel:
 
     def __call__(self, x, idx, gates, w1, w2, kernel="fused"):
         # x: (N, S, d_h); idx, gates: (N, S, k); w1, w2: (S, N_e/E, d_e, d_h), this rank's experts
-        received = self.dispatch(x, idx, gates)
-        dim, k = x.size(-1), idx.size(-1)
-        rows, g, local = received.split([dim, k, k], -1)
-        y = kernels.expert_ffn(rows, index_values(local), g, w1, w2, kernel, absent=True)
-        return self.combine(y)
+        rows, gates, local = self.dispatch(x, idx, gates)
+        return self.combine(kernels.expert_ffn(rows, local, gates, w1, w2, kernel, absent=True))
 
     def dispatch(self, x, idx, gates):
-        """(E N, S, d_h + 2k): every peer's rows, then their gates, then the slots' experts among
-        this rank's (-1: another rank's). Block q holds rank q's rows."""
+        """Every peer's rows x, (E N, S, d_h), block q rank q's; their gates, and their slots'
+        experts among this rank's (-1: another rank's), (E N, S, k). The rows travel in a message
+        of their own, so that they arrive contiguous for the expert kernels."""
         E, L, N = self.size, self.local_experts, x.size(0)
         peer = torch.arange(E, device=idx.device).view(E, 1, 1, 1)
         local = torch.where(idx // L == peer, idx % L, -1)  # (E, N, S, k): the experts of each peer
-        rows = torch.cat((x.expand(E, *x.shape), gates.to(x.dtype).expand(E, *gates.shape),
-                          index_columns(local, x)), -1)
+        slots = torch.cat((gates.to(x.dtype).expand(E, *gates.shape), index_columns(local, x)), -1)
         self.splits = [N] * E
-        return Exchange(rows.flatten(0, 1), self.splits, self.splits, self.group).result()
+        sent = [Exchange(t.flatten(0, 1), self.splits, self.splits, self.group)
+                for t in (x.expand(E, *x.shape), slots)]
+        rows, slots = (s.result() for s in sent)
+        gates, local = slots.split(idx.size(-1), -1)
+        return rows, gates, index_values(local)
 
     def combine(self, y):
         """y (E N, S, d_h), this rank's experts' outputs for every peer's rows -> (N, S, d_h):
