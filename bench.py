@@ -337,13 +337,22 @@ def merged(intervals):
     return out
 
 
+COLLECTIVES = ("all-to-all", "all-reduce")
+
+
 def device_timeline(events):
-    """(ms in which any kernel ran, ms in which an all-to-all ran beside another kernel) of profiled events."""
+    """
+    Of profiled events: (ms in which any kernel ran, ms in which any kernel but a collective
+    ran, ms in which an all-to-all ran beside another kernel). A collective's kernel runs
+    from its launch until its peers reach it, so a rank waiting for another is busy by the
+    first count and idle by the second.
+    """
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     spans = [(e.time_range.start, e.time_range.end) for e in kernels]
-    is_exchange = [kernel_part(e.name) == "all-to-all" for e in kernels]
-    exchange = merged(s for s, x in zip(spans, is_exchange) if x)
-    compute = merged(s for s, x in zip(spans, is_exchange) if not x)
+    parts = [kernel_part(e.name) for e in kernels]
+    exchange = merged(s for s, part in zip(spans, parts) if part == "all-to-all")
+    compute = merged(s for s, part in zip(spans, parts) if part != "all-to-all")
+    work = merged(s for s, part in zip(spans, parts) if part not in COLLECTIVES)
     beside, i = 0.0, 0
     for start, end in exchange:  # the length of exchange intersected with compute, by a sweep
         while i < len(compute) and compute[i][1] <= start:
@@ -352,7 +361,7 @@ def device_timeline(events):
         while j < len(compute) and compute[j][0] < end:
             beside += min(end, compute[j][1]) - max(start, compute[j][0])
             j += 1
-    return sum(e - s for s, e in merged(spans)) / 1e3, beside / 1e3
+    return sum(e - s for s, e in merged(spans)) / 1e3, sum(e - s for s, e in work) / 1e3, beside / 1e3
 
 
 def step_split(kernel_times):
@@ -427,8 +436,9 @@ def bench_e2e(argv):
         kernel_times = {e.key: e.self_device_time_total / 1e3 for e in prof.key_averages()
                         if e.device_type == torch.autograd.DeviceType.CUDA}
         row.update({f"{part} ms": v for part, v in step_split(kernel_times).items()})
-        busy, beside = device_timeline(prof.events())
+        busy, working, beside = device_timeline(prof.events())
         row["device idle %"] = 100 * max(0.0, 1 - busy / ms)  # the step minus the time any kernel ran
+        row["no compute %"] = 100 * max(0.0, 1 - working / ms)  # idle, or waiting inside a collective
         row["exchange beside compute ms"] = beside
         print("longest kernels of the profiled step (ms), by part:")
         for name, v in sorted(kernel_times.items(), key=lambda kv: -kv[1])[:30]:
@@ -442,7 +452,7 @@ def bench_e2e(argv):
 
 E2E_COLUMNS = (["model", "parallel", "GPUs", "routing", "global batch", "micro-batch", "step ms", "tokens/s", "MFU %",
                 "peak GiB", "load max/mean"] + [f"{part} ms" for part, _ in STEP_PARTS]
-               + ["other ms", "device idle %", "exchange beside compute ms"])
+               + ["other ms", "device idle %", "no compute %", "exchange beside compute ms"])
 
 
 def throughput_bars(rows, path):

@@ -1398,10 +1398,12 @@ def test_device_timeline_measures_busy_time_and_exchange_beside_compute():
     import bench
     kernel = lambda name, start, end: Event(device_type=torch.autograd.DeviceType.CUDA, name=name,
                                             time_range=Event(start=start, end=end))
-    # microseconds: exchanges at 0-100 and 140-200, compute at 50-150 (and 120-130 inside it) and 300-310
+    # microseconds: exchanges at 0-100 and 140-200, compute at 50-150 (and 120-130 inside it) and 300-310,
+    # an all-reduce at 400-420 (busy, but no compute)
     events = [kernel("ncclDevKernel_SendRecv", 0, 100), kernel("gemm_a", 50, 150), kernel("gemm_b", 120, 130),
-              kernel("ncclDevKernel_SendRecv", 140, 200), kernel("elementwise", 300, 310)]
-    assert bench.device_timeline(events) == pytest.approx((0.21, 0.06))
+              kernel("ncclDevKernel_SendRecv", 140, 200), kernel("elementwise", 300, 310),
+              kernel("ncclDevKernel_AllReduce_Sum_f32", 400, 420)]
+    assert bench.device_timeline(events) == pytest.approx((0.23, 0.11, 0.06))
 
 
 def test_end_to_end_benchmark_reports_throughput(corpus, tmp_path, monkeypatch):
