@@ -424,7 +424,7 @@ class ExpertParallel:
     """
 
     def __init__(self, group, size, local_experts):
-        self.group, self.size, self.local_experts = group, size, local_experts  # the P (or E) ranks
+        self.group, self.size, self.local_experts = group, size, local_experts  # the P ranks of --parallel=ep
         self.overlap = False
         self.splits = None  # (sent, received) rows per peer of the last exchange, kept for inspection
 
