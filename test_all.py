@@ -1384,11 +1384,11 @@ def test_deterministic_runs_are_bitwise_equal(corpus, tmp_path):
     assert losses(str(tmp_path / "a")) == losses(str(tmp_path / "b"))
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_head_parallel_runs_are_bitwise_equal(corpus, tmp_path, overlap):
+def test_head_parallel_runs_are_bitwise_equal(corpus, tmp_path):
+    # with overlap: HP's exchanges, started and awaited in two halves, the most of them a step runs
     runs = [str(tmp_path / name) for name in ("a", "b")]
     for out in runs:
-        torchrun(2, run_args(corpus, out, batch_size=2, parallel="hp", overlap=overlap, **PAR))
+        torchrun(2, run_args(corpus, out, batch_size=2, parallel="hp", overlap=True, **PAR))
     assert losses(runs[0]) == losses(runs[1])
 
 
