@@ -495,6 +495,9 @@ class ExpertParallel:
         return self.finish_combine(self.start_combine(y_recv, plan), plan)
 
 
+INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # the integer dtype of each float's width
+
+
 def index_columns(index, like):
     """Integer indices as columns of like's float dtype, bit for bit (int16 in bf16), so that
     they travel in like's message unrounded; index_values reads them back."""
@@ -503,9 +506,6 @@ def index_columns(index, like):
 
 def index_values(columns):
     return columns.detach().view(INT_OF_SIZE[columns.element_size()]).long()
-
-
-INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 class GatheredExpertParallel:
