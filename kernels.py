@@ -216,64 +216,97 @@ def transposed_router(weight):
     return weight_cache(weight, "transposed", lambda w: w.transpose(1, 2).contiguous())
 
 
-class TritonRoute(torch.autograd.Function):
-    """parts: the router's three bf16 parts (router_parts), for bf16 sub-tokens on a GPU; else None."""
-    @staticmethod
-    def forward(ctx, x, weight, parts, bias, k):
-        n_heads, dim, n_expert = weight.shape
-        x3 = x.reshape(-1, n_heads, dim)  # a view where possible: strides go to the kernel
-        n_tok = x3.size(0)
-        scores = torch.empty(n_tok, n_heads, k, device=x.device, dtype=torch.float32)
-        index = torch.empty(n_tok, n_heads, k, device=x.device, dtype=torch.int64)
-        # at d_h = 256 a (128, d_h) fp32 tile and the pipelined W blocks overflow shared memory
-        block_n = ROUTE["BLOCK_N"] if dim <= 128 else ROUTE["BLOCK_N"] // 2
-        # at k > 4 the merge's keys spill out of registers at 64 experts a block in the fp32
-        # dot's kernel (H100, N_e = 768, k = 8: 34 ms a call against 2.2 ms at 32 experts a
-        # block); at d_h = 256 the three pipelined bf16 parts of 64 experts overflow shared memory
-        block_e = ROUTE["BLOCK_E"] if k <= 4 and dim <= 128 else ROUTE["BLOCK_E"] // 2
-        split = parts is not None
-        parts = parts if split else weight
-        wt = transposed_router(weight)
-        grid = (triton.cdiv(n_tok, block_n), n_heads)
-        _route_fwd_kernel[grid](
-            x3, weight, parts, wt, bias, scores, index, n_tok, n_expert,
-            *x3.stride(), *weight.stride(), parts.stride(0), wt.stride(0), wt.stride(1), bias.stride(0),
-            D=dim, BLOCK_D=triton.next_power_of_2(dim), K=k, KP=max(triton.next_power_of_2(k), 2),
-            BLOCK_N=block_n, BLOCK_E=block_e, SPLIT=split, num_warps=ROUTE["num_warps"])
-        ctx.save_for_backward(x3, weight, index)
-        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        ctx.mark_non_differentiable(index)
-        out_shape = (*x.shape[:-1], k)
-        return scores.view(out_shape), index.view(out_shape)
+# The router and the fused experts are custom ops (torch.library): torch.compile traces the
+# routed block around them, with no graph break, and fuses its glue (the gates' softmax, the
+# casts, the clustering and tile tables, the load counts); the ops themselves stay opaque to
+# it, Triton launches and once-per-step weight caches inside. Their fake versions give the
+# shapes of what they return; their backward passes are custom ops too.
 
-    @staticmethod
-    def backward(ctx, d_scores, _):
-        x3, weight, index = ctx.saved_tensors
-        n_heads, dim, n_expert = weight.shape
-        n_tok, k = x3.size(0), index.size(-1)
-        ds = d_scores.reshape(n_tok, n_heads, k).float().contiguous()
-        block_d = triton.next_power_of_2(dim)
-        dx = dw = None
-        if ctx.needs_input_grad[1]:  # first, so that the sort's buffers are freed before dX exists
-            order, starts = glue(cluster_by_expert, x3)(index, n_expert)
-            chunks = glue(chunk_table, x3)(starts, order.numel(),
-                                           chunk_pairs(order.numel(), starts.numel() - 1, ROUTE_BLOCK_P))
-            dwt = torch.empty(n_heads * n_expert, dim, device=x3.device, dtype=torch.float32)
-            partial = dwt.new_empty(chunks.max_slots, dim)
-            _route_dw_kernel[(chunks.group.numel(),)](
-                x3, ds, order, chunks.group, chunks.start, chunks.end, chunks.slot, dwt, partial,
-                n_heads, n_expert, *x3.stride(), D=dim, BLOCK_D=block_d, K=k, BLOCK_P=ROUTE_BLOCK_P)
-            sum_chunks(partial, dwt, chunks)
-            dw = dwt.view(n_heads, n_expert, dim).transpose(1, 2)
-            del order, starts, chunks, partial
-        if ctx.needs_input_grad[0]:
-            wt = transposed_router(weight)
-            dx = torch.empty(n_tok, n_heads, dim, device=x3.device, dtype=ctx.x_dtype)  # fp32 sums, stored once
-            _route_dx_kernel[(triton.cdiv(n_tok, ROUTE_DX_BLOCK_N), n_heads)](
-                ds, index, wt, dx, n_tok, wt.stride(0), wt.stride(1),
-                D=dim, BLOCK_D=block_d, K=k, BLOCK_N=ROUTE_DX_BLOCK_N)
-            dx = dx.view(ctx.x_shape)
-        return dx, dw, None, None, None
+@torch.library.custom_op("nano::route", mutates_args=())
+def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Alg. 1: (scores, index), each (..., N_h, k), of sub-tokens x (..., N_h, d_h)."""
+    n_heads, dim, n_expert = weight.shape
+    x3 = x.reshape(-1, n_heads, dim)  # a view where possible: strides go to the kernel
+    n_tok = x3.size(0)
+    scores = torch.empty(n_tok, n_heads, k, device=x.device, dtype=torch.float32)
+    index = torch.empty(n_tok, n_heads, k, device=x.device, dtype=torch.int64)
+    # at d_h = 256 a (128, d_h) fp32 tile and the pipelined W blocks overflow shared memory
+    block_n = ROUTE["BLOCK_N"] if dim <= 128 else ROUTE["BLOCK_N"] // 2
+    # at k > 4 the merge's keys spill out of registers at 64 experts a block in the fp32
+    # dot's kernel (H100, N_e = 768, k = 8: 34 ms a call against 2.2 ms at 32 experts a
+    # block); at d_h = 256 the three pipelined bf16 parts of 64 experts overflow shared memory
+    block_e = ROUTE["BLOCK_E"] if k <= 4 and dim <= 128 else ROUTE["BLOCK_E"] // 2
+    # bf16 sub-tokens on a GPU take three bf16 dots; fp32 (and fp16) ones the fp32 FMA dot,
+    # as do bf16 ones under the CPU interpreter, which cannot dot bf16 (triton#11584)
+    split = x.dtype == torch.bfloat16 and x.is_cuda
+    parts = router_parts(weight) if split else weight
+    wt = transposed_router(weight)
+    grid = (triton.cdiv(n_tok, block_n), n_heads)
+    _route_fwd_kernel[grid](
+        x3, weight, parts, wt, bias, scores, index, n_tok, n_expert,
+        *x3.stride(), *weight.stride(), parts.stride(0), wt.stride(0), wt.stride(1), bias.stride(0),
+        D=dim, BLOCK_D=triton.next_power_of_2(dim), K=k, KP=max(triton.next_power_of_2(k), 2),
+        BLOCK_N=block_n, BLOCK_E=block_e, SPLIT=split, num_warps=ROUTE["num_warps"])
+    out_shape = (*x.shape[:-1], k)
+    return scores.view(out_shape), index.view(out_shape)
+
+
+@route.register_fake
+def _(x, weight, bias, k):
+    shape = (*x.shape[:-1], k)
+    return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("nano::route_backward", mutates_args=())
+def route_backward(d_scores: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor,
+                   need_dx: bool, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Alg. 2: (dX, dW) of route, each empty where not needed."""
+    n_heads, dim, n_expert = weight.shape
+    x3 = x.reshape(-1, n_heads, dim)
+    n_tok, k = x3.size(0), index.size(-1)
+    ds = d_scores.reshape(n_tok, n_heads, k).float().contiguous()
+    block_d = triton.next_power_of_2(dim)
+    dx, dw = x.new_empty(0), weight.new_empty(0)
+    if need_dw:  # first, so that the sort's buffers are freed before dX exists
+        order, starts = glue(cluster_by_expert, x3)(index.view(n_tok, n_heads, k), n_expert)
+        chunks = glue(chunk_table, x3)(starts, order.numel(),
+                                       chunk_pairs(order.numel(), starts.numel() - 1, ROUTE_BLOCK_P))
+        dwt = torch.empty(n_heads * n_expert, dim, device=x3.device, dtype=torch.float32)
+        partial = dwt.new_empty(chunks.max_slots, dim)
+        _route_dw_kernel[(chunks.group.numel(),)](
+            x3, ds, order, chunks.group, chunks.start, chunks.end, chunks.slot, dwt, partial,
+            n_heads, n_expert, *x3.stride(), D=dim, BLOCK_D=block_d, K=k, BLOCK_P=ROUTE_BLOCK_P)
+        sum_chunks(partial, dwt, chunks)
+        dw = dwt.view(n_heads, n_expert, dim).transpose(1, 2).contiguous()
+        del order, starts, chunks, partial
+    if need_dx:
+        wt = transposed_router(weight)
+        dx = torch.empty(n_tok, n_heads, dim, device=x3.device, dtype=x.dtype)  # fp32 sums, stored once
+        _route_dx_kernel[(triton.cdiv(n_tok, ROUTE_DX_BLOCK_N), n_heads)](
+            ds, index, wt, dx, n_tok, wt.stride(0), wt.stride(1),
+            D=dim, BLOCK_D=block_d, K=k, BLOCK_N=ROUTE_DX_BLOCK_N)
+        dx = dx.view(x.shape)
+    return dx, dw
+
+
+@route_backward.register_fake
+def _(d_scores, x, weight, index, need_dx, need_dw):
+    return x.new_empty(x.shape if need_dx else 0), weight.new_empty(weight.shape if need_dw else 0)
+
+
+def route_setup(ctx, inputs, output):
+    x, weight, _, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def route_grad(ctx, d_scores, _):
+    x, weight, index = ctx.saved_tensors
+    need_dx, need_dw = ctx.needs_input_grad[:2]
+    dx, dw = route_backward(d_scores, x, weight, index, need_dx, need_dw)
+    return dx if need_dx else None, dw if need_dw else None, None, None
+
+
+torch.library.register_autograd("nano::route", route_grad, setup_context=route_setup)
 
 
 def matmul_fp32(a, b):
@@ -304,6 +337,7 @@ class SplitScores(torch.autograd.Function):
         return dx.to(x.dtype), dw, None
 
 
+@torch.compiler.disable  # eager: of the routing paths only the Triton router's op is traced into graphs
 def topk_route_split(x, weight, bias, k):
     """Routing of wide bf16 inputs (MoE and LatentMoE route at width d): dense exact scores
     (SplitScores), then the top-k as in the plain twin."""
@@ -314,11 +348,7 @@ def topk_route_split(x, weight, bias, k):
 
 def topk_route_triton(x, weight, bias, k):
     """IO-aware routing (Alg. 1 forward, Alg. 2 backward): never writes a T x N_e tensor."""
-    weight = weight.contiguous()
-    # bf16 sub-tokens on a GPU take three bf16 dots; fp32 (and fp16) ones the fp32 FMA dot,
-    # as do bf16 ones under the CPU interpreter, which cannot dot bf16 (triton#11584)
-    parts = router_parts(weight) if x.dtype == torch.bfloat16 and x.is_cuda else None
-    return TritonRoute.apply(x, weight, parts, bias.contiguous(), k)
+    return route(x, weight.contiguous(), bias.contiguous(), k)
 
 
 # -----------------------------------------------------------------------------
@@ -444,6 +474,7 @@ def expert_path(x, kernel):
     return expert_ffn_grouped
 
 
+@torch.compiler.disable  # eager: of the expert paths only the fused one is traced into compiled graphs
 def expert_ffn_grouped(x, idx, gates, w1, w2):
     """Grouped GEMM over the clustered pairs, one torch._grouped_mm pair per head (CUDA, bf16).
     The baseline of bench.py, and the path for d_h above FlexAttention's limit (MoE at width d)."""
@@ -721,61 +752,102 @@ def fused_launch(x, config):
                 PRECISION="ieee" if x.dtype == torch.float32 else None)
 
 
-class FusedExperts(torch.autograd.Function):
+@torch.library.custom_op("nano::fused_experts", mutates_args=())
+def fused_experts(x: torch.Tensor, gates: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, order: torch.Tensor,
+                  starts: torch.Tensor, tile_group: torch.Tensor, tile_start: torch.Tensor, tile_end: torch.Tensor,
+                  k: int, save: bool, absent: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """
     Eq. 1 over the clustered pairs. x: (N * S, d) sub-tokens; gates: (N * S * k,);
-    w1, w2: (S * N_e, d_e, d) in x's dtype; order, starts: the clustering of the N * S * k
-    pairs (cluster_by_expert); param1, param2: the weight tensors whose .grad receives the
-    weight gradients (backward returns none for them); save: whether a backward will run
-    (keep the pre-activations). Returns (N * S, d). The kernels read x and write each pair's
-    gated output through order, so no clustered copy exists; the sum over k follows.
-    Between forward and backward it keeps the pre-activations x W1^T, (N * S * k, d_e)
-    in clustered order, and no hidden unit nor any copy of x. absent: some pairs are in
-    no group (cluster_by_expert); no tile covers them, so their outputs and gradients
-    are zeros, set beforehand.
+    w1, w2: (S, N_e, d_e, d), the expert weights (parameters, or views of whole ones), cast
+    to x's dtype once per optimizer step (compute_copy); order, starts: the clustering of
+    the N * S * k pairs (cluster_by_expert); tile_*: their tile_table; save: whether a
+    backward will run. Returns (y, pre): y (N * S, d), and the pre-activations x W1^T,
+    (N * S * k, d_e) in clustered order (none unless save), all the backward keeps: no
+    hidden unit nor any copy of x. The kernel reads x and writes each pair's gated output
+    through order, so no clustered copy exists; the sum over k follows. absent: some pairs
+    are in no group (cluster_by_expert); no tile covers them, so their outputs are zeros,
+    set beforehand.
     """
-    @staticmethod
-    def forward(ctx, x, gates, w1, w2, order, starts, k, param1, param2, save, absent):
-        hidden = w1.size(-2)
-        config, ctx.dw_config = fused_tiles(x.size(1), order.numel() / w1.size(0))
-        tiles = glue(tile_table, x)(starts, order.numel(), config["BLOCK_M"])
-        y = (x.new_zeros if absent else x.new_empty)(order.numel(), x.size(1))
-        pre = x.new_empty(order.numel() if save else 0, hidden)
-        _fused_experts_fwd_kernel[(tiles[0].numel(),)](
-            x, gates, w1, w2, y, pre, order, *tiles, hidden, k, **fused_launch(x, config), SAVE_PRE=save)
-        ctx.save_for_backward(x, gates, w1, w2, pre, order, starts, *tiles)
-        ctx.k, ctx.config, ctx.params, ctx.absent = k, config, (param1, param2), absent
-        return sum_over_k(y, k)
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, gates, w1, w2, pre, order, starts, *tiles = ctx.saved_tensors
-        _, hidden, dim = w1.shape
-        dout = dout.to(x.dtype).contiguous()  # it arrives in fp32 from compiled graphs on CUDA; read 3 times
-        new = x.new_zeros if ctx.absent else x.new_empty
-        dx = new(order.numel(), dim)  # per pair
-        dpre = torch.empty_like(pre)
-        dgates = new(order.numel(), dtype=torch.float32)
-        _fused_experts_dx_kernel[(tiles[0].numel(),)](
-            dout, gates, w1, w2, pre, dx, dpre, dgates, order, *tiles, hidden, ctx.k, **fused_launch(x, ctx.config))
-        if any(ctx.needs_input_grad[7:9]):  # the weights' gradients, into their .grad
-            fused_weight_gradients(ctx, x, dout, gates, pre, dpre, order, starts)
-        return sum_over_k(dx, ctx.k), dgates.to(gates.dtype), *[None] * 9
+    w1c, w2c = expert_compute_copies(x, w1, w2)
+    config = fused_tiles(x.size(1), order.numel() / w1c.size(0))[0]
+    y = (x.new_zeros if absent else x.new_empty)(order.numel(), x.size(1))
+    pre = x.new_empty(order.numel() if save else 0, w1c.size(1))
+    _fused_experts_fwd_kernel[(tile_group.numel(),)](
+        x, gates, w1c, w2c, y, pre, order, tile_group, tile_start, tile_end, w1c.size(1), k,
+        **fused_launch(x, config), SAVE_PRE=save)
+    return sum_over_k(y, k), pre
 
 
-def fused_weight_gradients(ctx, x, dout, gates, pre, dpre, order, starts):
-    """dW1, dW2 of FusedExperts, one program per chunk of an expert's pairs and chunk of its
+@fused_experts.register_fake
+def _(x, gates, w1, w2, order, starts, tile_group, tile_start, tile_end, k, save, absent):
+    return x.new_empty(x.shape), x.new_empty(order.numel() if save else 0, w1.size(-2))
+
+
+@torch.library.custom_op("nano::fused_experts_backward", mutates_args=())
+def fused_experts_backward(dout: torch.Tensor, x: torch.Tensor, gates: torch.Tensor, w1: torch.Tensor,
+                           w2: torch.Tensor, pre: torch.Tensor, order: torch.Tensor, starts: torch.Tensor,
+                           tile_group: torch.Tensor, tile_start: torch.Tensor, tile_end: torch.Tensor, k: int,
+                           absent: bool, weights: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    (dX, dgates) of fused_experts, from dout (N * S, d) in x's dtype. With `weights`, dW1 and
+    dW2 go straight into the parameters' .grad (fused_weight_gradients), not through autograd.
+    """
+    w1c, w2c = expert_compute_copies(x, w1, w2)
+    config, dw_config = fused_tiles(x.size(1), order.numel() / w1c.size(0))
+    new = x.new_zeros if absent else x.new_empty
+    dx = new(order.numel(), x.size(1))  # per pair
+    dpre = torch.empty_like(pre)
+    dgates = new(order.numel(), dtype=torch.float32)
+    _fused_experts_dx_kernel[(tile_group.numel(),)](
+        dout, gates, w1c, w2c, pre, dx, dpre, dgates, order, tile_group, tile_start, tile_end, w1c.size(1), k,
+        **fused_launch(x, config))
+    if weights:
+        fused_weight_gradients((weight_parameter(w1), weight_parameter(w2)), dw_config,
+                               x, dout, gates, pre, dpre, order, starts, k)
+    return sum_over_k(dx, k), dgates.to(gates.dtype)
+
+
+@fused_experts_backward.register_fake
+def _(dout, x, gates, w1, w2, pre, order, starts, tile_group, tile_start, tile_end, k, absent, weights):
+    return x.new_empty(x.shape), gates.new_empty(gates.shape)
+
+
+def fused_experts_setup(ctx, inputs, output):
+    x, gates, w1, w2, order, starts, *tiles, k, _, absent = inputs
+    ctx.save_for_backward(x, gates, w1, w2, output[1], order, starts, *tiles)
+    ctx.k, ctx.absent = k, absent
+    ctx.mark_non_differentiable(output[1])
+
+
+def fused_experts_grad(ctx, dy, _):
+    x, gates, w1, w2, pre, order, starts, *tiles = ctx.saved_tensors
+    dout = dy.to(x.dtype).contiguous()  # it arrives in fp32 from compiled graphs on CUDA; read 3 times
+    dx, dgates = fused_experts_backward(dout, x, gates, w1, w2, pre, order, starts, *tiles, ctx.k, ctx.absent,
+                                        any(ctx.needs_input_grad[2:4]))
+    return dx, dgates, *[None] * 10
+
+
+torch.library.register_autograd("nano::fused_experts", fused_experts_grad, setup_context=fused_experts_setup)
+
+
+def expert_compute_copies(x, w1, w2):
+    """The expert weights in x's dtype, (S * N_e, d_e, d) each, cast once per optimizer step."""
+    return (compute_copy(weight_parameter(w), x.dtype).view(-1, *w.shape[-2:]) for w in (w1, w2))
+
+
+def fused_weight_gradients(params, dw_config, x, dout, gates, pre, dpre, order, starts, k):
+    """dW1, dW2 of fused_experts, one program per chunk of an expert's pairs and chunk of its
     hidden units, added to (or stored in) the parameters' .grad."""
-    (dw1, dw2), accumulate = gradient_buffers(ctx.params)
+    (dw1, dw2), accumulate = gradient_buffers(params)
     n_groups, hidden, dim = starts.numel() - 1, pre.size(1), x.size(1)
     dw1, dw2 = dw1.view(n_groups, hidden, dim), dw2.view(n_groups, hidden, dim)
-    block_m = ctx.dw_config["BLOCK_M"]
+    block_m = dw_config["BLOCK_M"]
     chunks = glue(chunk_table, x)(starts, order.numel(), chunk_pairs(order.numel(), n_groups, block_m))
     partial1, partial2 = (torch.empty(chunks.max_slots, hidden, dim, device=x.device, dtype=torch.float32)
                           for _ in range(2))
-    _fused_experts_dw_kernel[(chunks.group.numel(), triton.cdiv(hidden, ctx.dw_config["BLOCK_H"]))](
+    _fused_experts_dw_kernel[(chunks.group.numel(), triton.cdiv(hidden, dw_config["BLOCK_H"]))](
         x, dout, gates, pre, dpre, dw1, dw2, partial1, partial2, order, chunks.group, chunks.start, chunks.end,
-        chunks.slot, hidden, ctx.k, **fused_launch(x, ctx.dw_config), ACCUMULATE=accumulate)
+        chunks.slot, hidden, k, **fused_launch(x, dw_config), ACCUMULATE=accumulate)
     sum_chunks(partial1, dw1, chunks, accumulate)
     sum_chunks(partial2, dw2, chunks, accumulate)
 
@@ -870,13 +942,12 @@ def expert_ffn_fused(x, idx, gates, w1, w2, absent=False):
     """The fused Triton grouped GEMM over the clustered pairs (CUDA, or the interpreter);
     absent: as expert_ffn's."""
     N, n_sets, dim = x.shape
-    n_expert, hidden = w1.size(1), w1.size(2)
-    order, starts = glue(cluster_by_expert, x)(idx, n_expert)
-    params = tuple(weight_parameter(w) for w in (w1, w2))
-    w1c, w2c = (compute_copy(p, x.dtype).view(n_sets * n_expert, hidden, dim) for p in params)
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gates, *params))
-    y = FusedExperts.apply(x.reshape(N * n_sets, dim).contiguous(), gates.flatten().contiguous(),
-                           w1c, w2c, order, starts, idx.size(-1), *params, save, absent)
+    n_groups = n_sets * w1.size(1)
+    order, starts = glue(cluster_by_expert, x)(idx, w1.size(1))
+    tiles = glue(tile_table, x)(starts, order.numel(), fused_tiles(dim, order.numel() / n_groups)[0]["BLOCK_M"])
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gates, w1, w2))
+    y, _ = fused_experts(x.reshape(N * n_sets, dim).contiguous(), gates.flatten().contiguous(), w1, w2, order,
+                         starts, *tiles, idx.size(-1), save, absent)
     return y.view(N, n_sets, dim)
 
 
@@ -961,9 +1032,12 @@ def glue(fn, like):
     for the host 13% of the step, 6% with these compiled. Not for split_bf16: inductor
     keeps a bf16 intermediate in fp32, unrounded.
     """
+    if torch.compiler.is_compiling():  # inside a compiled graph already: traced into it
+        return fn
     return compiled(fn) if like.is_cuda else fn
 
 
+@torch.compiler.disable  # eager, as expert_ffn_grouped
 def expert_ffn_flex(x, idx, gates, w1, w2):
     """IO-aware expert computation (Sec. 3.4): FlexAttention over all experts of all heads.
     The clustering runs eagerly; the attention passes and their epilogue are compiled

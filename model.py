@@ -233,8 +233,7 @@ class RoutedExperts(nn.Module):
         for p in self.parameters():
             nn.init.normal_(p, std=0.02)  # GPT.init_weights re-draws w2 with the output scaling
 
-    @torch.compiler.disable  # data-dependent routing; the expert kernel compiles on its own (kernels.py)
-    def forward(self, x, x_route=None):
+    def forward(self, x, x_route=None):  # compiled whole on CUDA: its kernels are custom ops (kernels.py)
         """x: (N, N_h, d_h) sub-tokens; x_route: the sub-tokens to route on (default x)."""
         x_route = x if x_route is None else x_route
         if torch.is_autocast_enabled(x.device.type):  # inputs in bf16, as a Linear would take them,
@@ -335,14 +334,17 @@ class MultiHeadLatentMoE(nn.Module):
     def forward(self, x):
         B, T, C = x.size()
         sub = self.w_in(x).view(B * T, -1, self.moe_head_dim)  # Eq. 5: (B*T, N_h or 2 N_h, d_h)
-        hp = self.head_parallel
-        if hp is None:
-            y = self.route(sub)  # (B*T, N_h, d_h)
-        else:  # the halves' exchanges are started first, so that each runs while the other half computes
-            sent = [hp.start_dispatch(half) for half in (sub.chunk(2) if self.overlap else (sub,))]
-            returned = [hp.start_combine(self.route(s.result())) for s in sent]
-            y = torch.cat([hp.finish_combine(r) for r in returned])
+        y = self.route(sub) if self.head_parallel is None else self.route_head_parallel(sub)  # (B*T, N_h, d_h)
         return self.w_out(y.reshape(B, T, -1))  # Eq. 6
+
+    # eager: its all-to-alls are awaited in Python; route, which it calls, still compiles
+    @torch.compiler.disable(recursive=False)
+    def route_head_parallel(self, sub):
+        """route under HP: this rank's heads of every rank's sub-tokens, exchanged both ways."""
+        hp = self.head_parallel  # the halves' exchanges are started first, so that each runs while the other half computes
+        sent = [hp.start_dispatch(half) for half in (sub.chunk(2) if self.overlap else (sub,))]
+        returned = [hp.start_combine(self.route(s.result())) for s in sent]
+        return torch.cat([hp.finish_combine(r) for r in returned])
 
     def route(self, sub):
         """The heads' independent MoEs on sub-tokens (N, N_h or 2 N_h, d_h) -> (N, N_h, d_h)."""

@@ -428,6 +428,7 @@ class ExpertParallel:
         self.overlap = False
         self.splits = None  # (sent, received) rows per peer of the last exchange, kept for inspection
 
+    @torch.compiler.disable  # collectives, awaited in Python
     def __call__(self, x, idx, gates, w1, w2, kernel="fused"):
         # x: (N, S, d_h); idx, gates: (N, S, k); w1, w2: (S, N_e/P, d_e, d_h), this rank's experts
         halves = list(zip(*(t.chunk(2) for t in (x, idx, gates)))) if self.overlap else [(x, idx, gates)]
@@ -524,6 +525,7 @@ class GatheredExpertParallel:
         self.group, self.size, self.local_experts = group, size, local_experts  # the E ranks
         self.splits = None  # rows per peer of the last exchange, kept for inspection
 
+    @torch.compiler.disable  # collectives, awaited in Python
     def __call__(self, x, idx, gates, w1, w2, kernel="fused"):
         # x: (N, S, d_h); idx, gates: (N, S, k); w1, w2: (S, N_e/E, d_e, d_h), this rank's experts
         rows, gates, local = self.dispatch(x, idx, gates)

@@ -839,6 +839,32 @@ def test_fused_experts_skip_absent_slots_which_add_nothing(here):
         assert not got.any() and not any(t.grad.any() for t in got_in)
 
 
+def test_routed_block_compiles_whole_around_its_custom_ops(monkeypatch):
+    # The Triton router and the fused experts are custom ops, so torch.compile traces the whole
+    # routed block (fullgraph=True fails at any graph break). Compiled, it matches the eager block
+    # on the fp64 plain twins in output, load counts and every gradient, the experts' added to
+    # .grad by the ops over two micro-batches. On the CPU its CUDA paths replace the twins.
+    torch.manual_seed(0)
+    oracle = RoutedExperts(2, 16, 6, 40, 3).double()
+    block = RoutedExperts(2, 16, 6, 40, 3).to(DEV)
+    block.load_state_dict(oracle.state_dict())
+    x = torch.randn(2, 37, 2, 16, dtype=torch.float64)
+    ins = [x.clone().requires_grad_(), x.float().to(DEV).requires_grad_()]
+    want = [oracle(ins[0][micro]) for micro in range(2)]
+    if DEV == "cpu":
+        monkeypatch.setattr(kernels, "topk_route", kernels.topk_route_triton)
+        monkeypatch.setattr(kernels, "expert_ffn_reference", kernels.expert_ffn_fused)
+    run = torch.compile(block, fullgraph=True, backend="aot_eager" if DEV == "cpu" else "inductor")
+    for micro in range(2):
+        got = run(ins[1][micro])
+        torch.testing.assert_close(got.double().cpu(), want[micro], rtol=1e-5, atol=1e-6)
+        for out in (got, want[micro]):
+            (out * torch.arange(16, device=out.device)).sum().backward()
+    assert torch.equal(block.load.cpu(), oracle.load) and oracle.load.sum() == 2 * 37 * 2 * 3
+    for a, b in [(ins[1], ins[0])] + list(zip(block.parameters(), oracle.parameters())):
+        torch.testing.assert_close(a.grad.double().cpu(), b.grad, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("rows,chunk,dtype", [(37, 8, torch.float32), (16, 16, torch.float32),
                                              (5, 4096, torch.float32), (37, 8, torch.bfloat16)])
 def test_chunked_linear_cross_entropy_matches_fp64(rows, chunk, dtype, monkeypatch):
