@@ -802,7 +802,7 @@ def fused_experts_backward(dout: torch.Tensor, x: torch.Tensor, gates: torch.Ten
         dout, gates, w1c, w2c, pre, dx, dpre, dgates, order, tile_group, tile_start, tile_end, w1c.size(1), k,
         **fused_launch(x, config))
     if weights:
-        fused_weight_gradients((weight_parameter(w1), weight_parameter(w2)), dw_config,
+        fused_weight_gradients([weight_parameter(w) for w in (w1, w2)], dw_config,
                                x, dout, gates, pre, dpre, order, starts, k)
     return sum_over_k(dx, k), dgates.to(gates.dtype)
 
@@ -821,7 +821,7 @@ def fused_experts_setup(ctx, inputs, output):
 
 def fused_experts_grad(ctx, dy, _):
     x, gates, w1, w2, pre, order, starts, *tiles = ctx.saved_tensors
-    dout = dy.to(x.dtype).contiguous()  # it arrives in fp32 from compiled graphs on CUDA; read 3 times
+    dout = dy.to(x.dtype).contiguous()  # fp32 from the graph after it; cast in the traced backward; read 3 times
     dx, dgates = fused_experts_backward(dout, x, gates, w1, w2, pre, order, starts, *tiles, ctx.k, ctx.absent,
                                         any(ctx.needs_input_grad[2:4]))
     return dx, dgates, *[None] * 10
@@ -859,6 +859,9 @@ def gradient_buffers(params):
     first micro-batch of a step and adding in the later ones; no bf16 gradient is made, cast
     and added by a separate pass. Returns the buffers and whether to add to them.
     """
+    if not all(p.requires_grad for p in params):  # an alias, e.g. a compiler's: its .grad would be lost
+        raise RuntimeError("gradient_buffers: a weight reached the backward without requires_grad, so its "
+                           "gradient would be lost; the fused paths need the parameters themselves")
     accumulate = any(p.grad is not None for p in params)
     for p in params:
         if p.grad is None:

@@ -341,7 +341,7 @@ class MultiHeadLatentMoE(nn.Module):
     @torch.compiler.disable(recursive=False)
     def route_head_parallel(self, sub):
         """route under HP: this rank's heads of every rank's sub-tokens, exchanged both ways."""
-        hp = self.head_parallel  # the halves' exchanges are started first, so that each runs while the other half computes
+        hp = self.head_parallel  # the halves' exchanges start first, so each runs while the other half computes
         sent = [hp.start_dispatch(half) for half in (sub.chunk(2) if self.overlap else (sub,))]
         returned = [hp.start_combine(self.route(s.result())) for s in sent]
         return torch.cat([hp.finish_combine(r) for r in returned])

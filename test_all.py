@@ -863,6 +863,10 @@ def test_routed_block_compiles_whole_around_its_custom_ops(monkeypatch):
     assert torch.equal(block.load.cpu(), oracle.load) and oracle.load.sum() == 2 * 37 * 2 * 3
     for a, b in [(ins[1], ins[0])] + list(zip(block.parameters(), oracle.parameters())):
         torch.testing.assert_close(a.grad.double().cpu(), b.grad, rtol=1e-5, atol=1e-6)
+    # the ops add the weights' gradients to the .grad of the tensors they were given: one without
+    # requires_grad (an alias, as a compiler could pass) is refused, where its .grad would be lost
+    with pytest.raises(RuntimeError, match="without requires_grad"):
+        kernels.gradient_buffers((block.w1.detach(),))
 
 
 @pytest.mark.parametrize("rows,chunk,dtype", [(37, 8, torch.float32), (16, 16, torch.float32),
