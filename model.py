@@ -334,17 +334,14 @@ class MultiHeadLatentMoE(nn.Module):
     def forward(self, x):
         B, T, C = x.size()
         sub = self.w_in(x).view(B * T, -1, self.moe_head_dim)  # Eq. 5: (B*T, N_h or 2 N_h, d_h)
-        y = self.route(sub) if self.head_parallel is None else self.route_head_parallel(sub)  # (B*T, N_h, d_h)
+        hp = self.head_parallel
+        if hp is None:
+            y = self.route(sub)  # (B*T, N_h, d_h)
+        else:  # the halves' exchanges start first, so that each runs while the other half computes
+            sent = [hp.dispatch(half) for half in (sub.chunk(2) if self.overlap else (sub,))]
+            returned = [hp.start_combine(self.route(s)) for s in sent]
+            y = torch.cat([hp.finish_combine(r) for r in returned])
         return self.w_out(y.reshape(B, T, -1))  # Eq. 6
-
-    # eager: its all-to-alls are awaited in Python; route, which it calls, still compiles
-    @torch.compiler.disable(recursive=False)
-    def route_head_parallel(self, sub):
-        """route under HP: this rank's heads of every rank's sub-tokens, exchanged both ways."""
-        hp = self.head_parallel  # the halves' exchanges start first, so each runs while the other half computes
-        sent = [hp.start_dispatch(half) for half in (sub.chunk(2) if self.overlap else (sub,))]
-        returned = [hp.start_combine(self.route(s.result())) for s in sent]
-        return torch.cat([hp.finish_combine(r) for r in returned])
 
     def route(self, sub):
         """The heads' independent MoEs on sub-tokens (N, N_h or 2 N_h, d_h) -> (N, N_h, d_h)."""

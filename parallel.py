@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 
 import kernels
@@ -365,35 +366,33 @@ class ExchangeWait(torch.autograd.Function):
 class HeadParallel:
     """
     Sec. 3.2: the all-to-all moves before routing; its splits are static and equal.
-    Each exchange is started by one call and finished by another, so that a caller can
-    compute on one part of a micro-batch while another part's exchange runs.
+    Its exchanges are functional collectives: each returns at once, and its result is
+    awaited where it is first used, so that a caller can compute on one part of a
+    micro-batch while another part's exchange runs; torch.compile traces them, so under
+    HP a block compiles as one graph.
     """
 
     def __init__(self, group, size, moe_heads):
         self.group, self.size, self.moe_heads = group, size, moe_heads  # the P (or H, under HP x EP) ranks
         self.splits = None  # the last exchange's splits (rows per peer), kept for inspection
 
-    def start_dispatch(self, sub):
-        """Starts sending (N, G*N_h, d_h), this rank's tokens, to the heads' ranks; its result() is
-        (P*N, G*N_h/P, d_h), its heads of every rank's tokens (rows: rank 0's, rank 1's, ...)."""
+    def dispatch(self, sub):
+        """Sends (N, G*N_h, d_h), this rank's tokens, to the heads' ranks: (P*N, G*N_h/P, d_h),
+        its heads of every rank's tokens (rows: rank 0's, rank 1's, ...), in flight."""
         P, (N, _, dim) = self.size, sub.shape
         # rank p owns heads [p N_h/P, (p+1) N_h/P) of each of the G groups (sub-tokens, routing tokens)
         parts = sub.view(N, -1, P, self.moe_heads // P, dim).permute(2, 0, 1, 3, 4)  # (P, N, G, N_h/P, d_h)
         self.splits = [N] * P
-        return Exchange(parts.reshape(P * N, -1, dim), self.splits, self.splits, self.group)
+        return funcol.all_to_all_single_autograd(parts.reshape(P * N, -1, dim), self.splits, self.splits, self.group)
 
     def start_combine(self, y):
         """Starts returning (P*N, N_h/P, d_h), the heads' outputs, to their tokens' ranks."""
         splits = [y.size(0) // self.size] * self.size
-        return Exchange(y, splits, splits, self.group)
+        return funcol.all_to_all_single_autograd(y.contiguous(), splits, splits, self.group)
 
-    def finish_combine(self, exchange):
-        """(N, N_h, d_h): every head's output for this rank's tokens."""
-        out = exchange.result()  # block q: heads of rank q
+    def finish_combine(self, out):
+        """(N, N_h, d_h): every head's output for this rank's tokens (out: start_combine's; block q: rank q's heads)."""
         return out.view(self.size, -1, *out.shape[1:]).transpose(0, 1).reshape(-1, self.size * out.size(1), out.size(2))
-
-    def dispatch(self, sub):
-        return self.start_dispatch(sub).result()
 
     def combine(self, y):
         return self.finish_combine(self.start_combine(y))
