@@ -524,7 +524,6 @@ class GatheredExpertParallel:
         self.group, self.size, self.local_experts = group, size, local_experts  # the E ranks
         self.splits = None  # rows per peer of the last exchange, kept for inspection
 
-    @torch.compiler.disable  # collectives, awaited in Python
     def __call__(self, x, idx, gates, w1, w2, kernel="fused"):
         # x: (N, S, d_h); idx, gates: (N, S, k); w1, w2: (S, N_e/E, d_e, d_h), this rank's experts
         rows, gates, local = self.dispatch(x, idx, gates)
@@ -539,14 +538,13 @@ class GatheredExpertParallel:
         local = torch.where(idx // L == peer, idx % L, -1)  # (E, N, S, k): the experts of each peer
         slots = torch.cat((gates.to(x.dtype).expand(E, *gates.shape), index_columns(local, x)), -1)
         self.splits = [N] * E
-        sent = [Exchange(t.flatten(0, 1), self.splits, self.splits, self.group)
-                for t in (x.expand(E, *x.shape), slots)]
-        rows, slots = (s.result() for s in sent)
+        rows, slots = (funcol.all_to_all_single_autograd(t.flatten(0, 1).contiguous(), self.splits, self.splits,
+                                                         self.group) for t in (x.expand(E, *x.shape), slots))
         gates, local = slots.split(idx.size(-1), -1)
         return rows, gates, index_values(local)
 
     def combine(self, y):
         """y (E N, S, d_h), this rank's experts' outputs for every peer's rows -> (N, S, d_h):
         each of this rank's rows summed over the peers' outputs, in rank order."""
-        out = Exchange(y, self.splits, self.splits, self.group).result()
+        out = funcol.all_to_all_single_autograd(y.contiguous(), self.splits, self.splits, self.group)
         return out.view(self.size, -1, *out.shape[1:]).sum(0)

@@ -1101,14 +1101,15 @@ def test_parallel_loss_and_gradients_equal_one_process(mode, world, skew):
                                     nprocs=world)
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_head_parallel_blocks_compile_whole_and_equal_one_process(overlap):
-    # HP's exchanges are functional collectives, traced by torch.compile with the router's and
-    # the experts' custom ops: each block is one graph (fullgraph=True), with or without halves
+@pytest.mark.parametrize("world,ep_size,skew,overlap", [(2, 1, False, False), (4, 2, True, True)])
+def test_head_parallel_blocks_compile_whole_and_equal_one_process(world, ep_size, skew, overlap):
+    # HP's exchanges and HP x EP's gathered ones are functional collectives, traced by
+    # torch.compile with the router's and the experts' custom ops: each block is one graph
+    # (fullgraph=True); HP 2 x EP 2 in halves, skewed so that expert shard 1 receives no pair
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        torch.multiprocessing.spawn(parallel_worker, args=(2, "hp", 2, False, store, "gloo", None, 1, overlap, True),
-                                    nprocs=2)
+        torch.multiprocessing.spawn(parallel_worker, args=(world, "hp", world, skew, store, "gloo", None, ep_size,
+                                                           overlap, True), nprocs=world)
 
 
 @pytest.mark.parametrize("ffn", ["moe", "latent_moe", "mh_latent_moe"])
@@ -1145,14 +1146,14 @@ def test_head_parallel_with_data_parallel_replicas_equals_one_process(skew):
         torch.multiprocessing.spawn(parallel_worker, args=(4, "hp", 2, skew, store), nprocs=4)
 
 
-@pytest.mark.parametrize("world,skew,overlap", [(4, False, False), (4, True, True), (8, False, False)])
-def test_head_parallel_times_expert_parallel_equals_one_process(world, skew, overlap):
+@pytest.mark.parametrize("world", [4, 8])
+def test_head_parallel_times_expert_parallel_equals_one_process(world):
     # HP 2 x EP 2: heads over 2 ranks, each head's 8 experts over 2; at 8 ranks, 2 data-parallel
     # replicas of that. Skewed, every token picks experts 1-3, of expert shard 0: the ranks of
-    # shard 1 receive no pair
+    # shard 1 receive no pair (skewed and in halves: compiled, above)
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        torch.multiprocessing.spawn(parallel_worker, args=(world, "hp", 4, skew, store, "gloo", None, 2, overlap),
+        torch.multiprocessing.spawn(parallel_worker, args=(world, "hp", 4, False, store, "gloo", None, 2),
                                     nprocs=world)
 
 
