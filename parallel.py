@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+import torch._inductor.config as inductor_config
 import torch.nn as nn
 
 import kernels
@@ -245,6 +246,8 @@ def shard_model(model, layout, overlap=False):
     or EP, each micro-batch's halves exchange while the other half computes.
     """
     from model import MultiHeadLatentMoE, RoutedExperts
+    if overlap and layout.mode == "hp":
+        wait_where_used()
     for name, m in model.named_modules():
         if isinstance(m, MultiHeadLatentMoE) and layout.mode == "hp":
             m.head_parallel = HeadParallel(layout.head_group, layout.heads, m.moe_heads)
@@ -266,6 +269,14 @@ def shard_model(model, layout, overlap=False):
             setattr(experts, attr, take_shard(getattr(experts, attr), dims, layout))
             getattr(experts, attr).replicas = layout.replicas if dims[1] is not None else layout.head_replicas
             model.shard_dims[prefix + attr] = dims
+
+
+def wait_where_used():
+    """Compiled, HP's exchanges are awaited right after they start: inductor places each
+    functional collective's wait there. Moved to its result's first use, one half's exchange
+    runs while the other half computes."""
+    inductor_config.reorder_for_compute_comm_overlap = True
+    inductor_config.reorder_for_compute_comm_overlap_passes = ["sink_waits"]
 
 
 def take_shard(t, dims, layout):

@@ -1130,7 +1130,8 @@ def test_expert_parallel_survives_ranks_that_receive_no_pair(ffn):
 
 @pytest.mark.parametrize("mode,world,ep_size,overlap,compiled", [
     ("hp", 2, 1, False, False), ("ep", 2, 1, False, False), ("hp", 2, 1, True, False), ("ep", 2, 1, True, False),
-    ("hp", 2, 1, False, True), ("hp", 2, 2, False, False), ("hp", 4, 2, False, False), ("hp", 4, 2, True, False)])
+    ("hp", 2, 1, False, True), ("hp", 2, 1, True, True), ("hp", 2, 2, False, False), ("hp", 4, 2, False, False),
+    ("hp", 4, 2, True, False), ("hp", 4, 2, True, True)])
 def test_parallel_equals_one_process_under_nccl_in_bf16(mode, world, ep_size, overlap, compiled):
     if torch.cuda.device_count() < world:
         pytest.skip(f"NCCL at {world} ranks needs {world} GPUs")
