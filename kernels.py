@@ -354,13 +354,12 @@ def topk_route_triton(x, weight, bias, k):
 # -----------------------------------------------------------------------------
 # Expert computation (Eq. 1, Sec. 3.4)
 
-def check_expert_args(x, idx, gates, w1, w2, first=0):
+def check_expert_args(x, idx, gates, w1, w2):
     n_sets, n_expert, expert_dim, dim = w1.shape
     if w2.shape != w1.shape:
         raise ValueError(f"expert_ffn: w2 has shape {tuple(w2.shape)}, expected w1's {tuple(w1.shape)}")
-    if x.dim() != 3 or x.size(2) != dim or not 0 <= first <= first + x.size(1) <= n_sets:
-        raise ValueError(f"expert_ffn: x has shape {tuple(x.shape)}, expected (N, S, {dim}) for heads "
-                         f"[{first}, {first} + S) of the {n_sets} of w1, w2")
+    if x.dim() != 3 or x.shape[1:] != (n_sets, dim):
+        raise ValueError(f"expert_ffn: x has shape {tuple(x.shape)}, expected (N, {n_sets}, {dim})")
     if idx.shape != gates.shape or idx.shape[:2] != x.shape[:2]:
         raise ValueError(f"expert_ffn: idx {tuple(idx.shape)} and gates {tuple(gates.shape)} "
                          f"must both be (N, N_h, k) with N, N_h = {tuple(x.shape[:2])}")
@@ -445,10 +444,10 @@ EXPERT_KERNELS = ("fused", "flex", "grouped")  # expert_ffn's paths on CUDA
 FUSED_MAX_ROW_BYTES = 512  # the fused kernels keep whole sub-token rows in shared memory
 
 
-def expert_ffn(x, idx, gates, w1, w2, kernel="fused", absent=False, first=0):
+def expert_ffn(x, idx, gates, w1, w2, kernel="fused", absent=False):
     """
-    x: (N, S, d_h) sub-tokens of heads [first, first + S) (all N_h of them, or some under
-    HP's overlap); idx, gates: (N, S, k); w1, w2: (N_h, N_e, d_e, d_h). Returns (N, S, d_h).
+    x: (N, N_h, d_h) sub-tokens; idx, gates: (N, N_h, k);
+    w1, w2: (N_h, N_e, d_e, d_h). Returns (N, N_h, d_h).
     On CUDA the kernel named ("fused", "flex" or "grouped"), the plain twin elsewhere.
     Rows too wide for a kernel take the next: fused up to 512 bytes a row (d_h 256 in
     bf16, 128 in fp32), flex up to d_h = 256, grouped beyond.
@@ -456,11 +455,10 @@ def expert_ffn(x, idx, gates, w1, w2, kernel="fused", absent=False, first=0):
     it adds nothing and its gate gets no gradient. The fused path skips such pairs; the
     others compute them with expert 0 at gate 0.
     """
-    check_expert_args(x, idx, gates, w1, w2, first)
+    check_expert_args(x, idx, gates, w1, w2)
     path = expert_path(x, kernel) if x.is_cuda and x.size(0) else expert_ffn_reference
-    if path is expert_ffn_fused:  # whole weights and `first`: its kernels write their .grad
-        return path(x, idx, gates, w1, w2, absent, first)
-    w1, w2 = w1[first:first + x.size(1)], w2[first:first + x.size(1)]
+    if path is expert_ffn_fused:
+        return path(x, idx, gates, w1, w2, absent)
     if absent:
         here = idx >= 0
         idx, gates = idx.clamp_min(0), gates * here
@@ -757,12 +755,11 @@ def fused_launch(x, config):
 @torch.library.custom_op("nano::fused_experts", mutates_args=())
 def fused_experts(x: torch.Tensor, gates: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, order: torch.Tensor,
                   starts: torch.Tensor, tile_group: torch.Tensor, tile_start: torch.Tensor, tile_end: torch.Tensor,
-                  k: int, save: bool, absent: bool, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  k: int, save: bool, absent: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """
-    Eq. 1 over the clustered pairs. x: (N * S, d) sub-tokens of heads [first, first + S);
-    gates: (N * S * k,); w1, w2: (N_h, N_e, d_e, d), the expert weights (parameters, or
-    views of whole ones), cast to x's dtype once per optimizer step (compute_copy); order,
-    starts: the clustering of
+    Eq. 1 over the clustered pairs. x: (N * S, d) sub-tokens; gates: (N * S * k,);
+    w1, w2: (S, N_e, d_e, d), the expert weights (parameters, or views of whole ones), cast
+    to x's dtype once per optimizer step (compute_copy); order, starts: the clustering of
     the N * S * k pairs (cluster_by_expert); tile_*: their tile_table; save: whether a
     backward will run. Returns (y, pre): y (N * S, d), and the pre-activations x W1^T,
     (N * S * k, d_e) in clustered order (none unless save), all the backward keeps: no
@@ -771,7 +768,7 @@ def fused_experts(x: torch.Tensor, gates: torch.Tensor, w1: torch.Tensor, w2: to
     are in no group (cluster_by_expert); no tile covers them, so their outputs are zeros,
     set beforehand.
     """
-    w1c, w2c = expert_compute_copies(x, w1, w2, heads_of(starts, w1, first))
+    w1c, w2c = expert_compute_copies(x, w1, w2)
     config = fused_tiles(x.size(1), order.numel() / w1c.size(0))[0]
     y = (x.new_zeros if absent else x.new_empty)(order.numel(), x.size(1))
     pre = x.new_empty(order.numel() if save else 0, w1c.size(1))
@@ -782,7 +779,7 @@ def fused_experts(x: torch.Tensor, gates: torch.Tensor, w1: torch.Tensor, w2: to
 
 
 @fused_experts.register_fake
-def _(x, gates, w1, w2, order, starts, tile_group, tile_start, tile_end, k, save, absent, first):
+def _(x, gates, w1, w2, order, starts, tile_group, tile_start, tile_end, k, save, absent):
     return x.new_empty(x.shape), x.new_empty(order.numel() if save else 0, w1.size(-2))
 
 
@@ -790,13 +787,12 @@ def _(x, gates, w1, w2, order, starts, tile_group, tile_start, tile_end, k, save
 def fused_experts_backward(dout: torch.Tensor, x: torch.Tensor, gates: torch.Tensor, w1: torch.Tensor,
                            w2: torch.Tensor, pre: torch.Tensor, order: torch.Tensor, starts: torch.Tensor,
                            tile_group: torch.Tensor, tile_start: torch.Tensor, tile_end: torch.Tensor, k: int,
-                           absent: bool, weights: bool, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+                           absent: bool, weights: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """
     (dX, dgates) of fused_experts, from dout (N * S, d) in x's dtype. With `weights`, dW1 and
     dW2 go straight into the parameters' .grad (fused_weight_gradients), not through autograd.
     """
-    heads = heads_of(starts, w1, first)
-    w1c, w2c = expert_compute_copies(x, w1, w2, heads)
+    w1c, w2c = expert_compute_copies(x, w1, w2)
     config, dw_config = fused_tiles(x.size(1), order.numel() / w1c.size(0))
     new = x.new_zeros if absent else x.new_empty
     dx = new(order.numel(), x.size(1))  # per pair
@@ -806,19 +802,20 @@ def fused_experts_backward(dout: torch.Tensor, x: torch.Tensor, gates: torch.Ten
         dout, gates, w1c, w2c, pre, dx, dpre, dgates, order, tile_group, tile_start, tile_end, w1c.size(1), k,
         **fused_launch(x, config))
     if weights:
-        fused_weight_gradients((w1, w2), heads, dw_config, x, dout, gates, pre, dpre, order, starts, k)
+        fused_weight_gradients([weight_parameter(w) for w in (w1, w2)], dw_config,
+                               x, dout, gates, pre, dpre, order, starts, k)
     return sum_over_k(dx, k), dgates.to(gates.dtype)
 
 
 @fused_experts_backward.register_fake
-def _(dout, x, gates, w1, w2, pre, order, starts, tile_group, tile_start, tile_end, k, absent, weights, first):
+def _(dout, x, gates, w1, w2, pre, order, starts, tile_group, tile_start, tile_end, k, absent, weights):
     return x.new_empty(x.shape), gates.new_empty(gates.shape)
 
 
 def fused_experts_setup(ctx, inputs, output):
-    x, gates, w1, w2, order, starts, *tiles, k, _, absent, first = inputs
+    x, gates, w1, w2, order, starts, *tiles, k, _, absent = inputs
     ctx.save_for_backward(x, gates, w1, w2, output[1], order, starts, *tiles)
-    ctx.k, ctx.absent, ctx.first = k, absent, first
+    ctx.k, ctx.absent = k, absent
     ctx.mark_non_differentiable(output[1])
 
 
@@ -826,30 +823,24 @@ def fused_experts_grad(ctx, dy, _):
     x, gates, w1, w2, pre, order, starts, *tiles = ctx.saved_tensors
     dout = dy.to(x.dtype).contiguous()  # fp32 from the graph after it; cast in the traced backward; read 3 times
     dx, dgates = fused_experts_backward(dout, x, gates, w1, w2, pre, order, starts, *tiles, ctx.k, ctx.absent,
-                                        any(ctx.needs_input_grad[2:4]), ctx.first)
-    return dx, dgates, *[None] * 11
+                                        any(ctx.needs_input_grad[2:4]))
+    return dx, dgates, *[None] * 10
 
 
 torch.library.register_autograd("nano::fused_experts", fused_experts_grad, setup_context=fused_experts_setup)
 
 
-def heads_of(starts, w, first):
-    """The heads of w that the fused ops' pairs go to: [first, first + S), S from their groups."""
-    return slice(first, first + (starts.numel() - 1) // w.size(1))
+def expert_compute_copies(x, w1, w2):
+    """The expert weights in x's dtype, (S * N_e, d_e, d) each, cast once per optimizer step."""
+    return (compute_copy(weight_parameter(w), x.dtype).view(-1, *w.shape[-2:]) for w in (w1, w2))
 
 
-def expert_compute_copies(x, w1, w2, heads):
-    """The expert weights of these heads in x's dtype, (S * N_e, d_e, d) each, cast once per optimizer step."""
-    return (compute_copy(weight_parameter(w), x.dtype).view(w.shape)[heads].flatten(0, 1) for w in (w1, w2))
-
-
-def fused_weight_gradients(weights, heads, dw_config, x, dout, gates, pre, dpre, order, starts, k):
-    """dW1, dW2 of fused_experts for these heads of w1, w2, one program per chunk of an expert's
-    pairs and chunk of its hidden units, added to (or stored in) the parameters' .grad."""
-    some = heads.stop - heads.start < weights[0].size(0)
-    buffers, accumulate = gradient_buffers([weight_parameter(w) for w in weights], some)
+def fused_weight_gradients(params, dw_config, x, dout, gates, pre, dpre, order, starts, k):
+    """dW1, dW2 of fused_experts, one program per chunk of an expert's pairs and chunk of its
+    hidden units, added to (or stored in) the parameters' .grad."""
+    (dw1, dw2), accumulate = gradient_buffers(params)
     n_groups, hidden, dim = starts.numel() - 1, pre.size(1), x.size(1)
-    dw1, dw2 = (b.view(w.shape)[heads].view(n_groups, hidden, dim) for b, w in zip(buffers, weights))
+    dw1, dw2 = dw1.view(n_groups, hidden, dim), dw2.view(n_groups, hidden, dim)
     block_m = dw_config["BLOCK_M"]
     chunks = glue(chunk_table, x)(starts, order.numel(), chunk_pairs(order.numel(), n_groups, block_m))
     partial1, partial2 = (torch.empty(chunks.max_slots, hidden, dim, device=x.device, dtype=torch.float32)
@@ -861,19 +852,17 @@ def fused_weight_gradients(weights, heads, dw_config, x, dout, gates, pre, dpre,
     sum_chunks(partial2, dw2, chunks, accumulate)
 
 
-def gradient_buffers(params, some=False):
+def gradient_buffers(params):
     """
     Gradient-accumulation fusion (Megatron's): the weight-gradient kernels write straight into
     each parameter's .grad, in its own dtype (fp32 for fp32 master weights), storing in the
     first micro-batch of a step and adding in the later ones; no bf16 gradient is made, cast
-    and added by a separate pass. some: the kernels write some of the parameters' heads only
-    (HP's overlap), so a new buffer starts at zero and is added to. Returns the buffers and
-    whether to add to them.
+    and added by a separate pass. Returns the buffers and whether to add to them.
     """
     if not all(p.requires_grad for p in params):  # an alias, e.g. a compiler's: its .grad would be lost
         raise RuntimeError("gradient_buffers: a weight reached the backward without requires_grad, so its "
                            "gradient would be lost; the fused paths need the parameters themselves")
-    accumulate = some or any(p.grad is not None for p in params)
+    accumulate = any(p.grad is not None for p in params)
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p) if accumulate else torch.empty_like(p)
@@ -881,12 +870,11 @@ def gradient_buffers(params, some=False):
 
 
 def weight_parameter(w):
-    """The tensor whose .grad receives w's gradient in the fused paths: w, or the tensor w views
-    (all of it reshaped, or a run of its heads: one run of its elements either way)."""
+    """The tensor whose .grad receives w's gradient in the fused path: w, or the whole tensor w views."""
     leaf = w if w._base is None else w._base
-    if w.requires_grad and not (leaf.is_leaf and w.is_contiguous() and leaf.is_contiguous()):
-        raise ValueError("expert_ffn_fused: the expert weights must be leaf tensors (parameters) or contiguous "
-                         "views of them, since their gradients are added straight to .grad")
+    if w.requires_grad and (not leaf.is_leaf or leaf.numel() != w.numel()):
+        raise ValueError("expert_ffn_fused: the expert weights must be leaf tensors (parameters) or views of "
+                         "whole ones, since their gradients are added straight to .grad")
     return leaf
 
 
@@ -948,23 +936,21 @@ class CastOnce(torch.autograd.Function):
 
 
 def cast_once(w, dtype):
-    """w (a parameter, or a view of one: weight_parameter) in the compute dtype, cast once per
-    optimizer step, its gradient added to the parameter's .grad (CastOnce)."""
-    leaf = weight_parameter(w)
-    start = w.storage_offset() - leaf.storage_offset()  # the run of leaf's elements that w is
-    return CastOnce.apply(leaf, dtype).view(-1)[start:start + w.numel()].view(w.shape)
+    """w (a parameter, or a view of a whole one) in the compute dtype, cast once per optimizer
+    step, its gradient added to the parameter's .grad (CastOnce)."""
+    return CastOnce.apply(weight_parameter(w), dtype).view(w.shape)
 
 
-def expert_ffn_fused(x, idx, gates, w1, w2, absent=False, first=0):
+def expert_ffn_fused(x, idx, gates, w1, w2, absent=False):
     """The fused Triton grouped GEMM over the clustered pairs (CUDA, or the interpreter);
-    absent, first: as expert_ffn's."""
+    absent: as expert_ffn's."""
     N, n_sets, dim = x.shape
     n_groups = n_sets * w1.size(1)
     order, starts = glue(cluster_by_expert, x)(idx, w1.size(1))
     tiles = glue(tile_table, x)(starts, order.numel(), fused_tiles(dim, order.numel() / n_groups)[0]["BLOCK_M"])
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gates, w1, w2))
     y, _ = fused_experts(x.reshape(N * n_sets, dim).contiguous(), gates.flatten().contiguous(), w1, w2, order,
-                         starts, *tiles, idx.size(-1), save, absent, first)
+                         starts, *tiles, idx.size(-1), save, absent)
     return y.view(N, n_sets, dim)
 
 

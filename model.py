@@ -233,31 +233,28 @@ class RoutedExperts(nn.Module):
         for p in self.parameters():
             nn.init.normal_(p, std=0.02)  # GPT.init_weights re-draws w2 with the output scaling
 
-    def forward(self, x, x_route=None, first=0):  # compiled whole on CUDA: its kernels are custom ops (kernels.py)
-        """x: (N, S, d_h) sub-tokens of heads [first, first + S) (all N_h, or some under HP's
-        overlap); x_route: the sub-tokens to route on (default x)."""
+    def forward(self, x, x_route=None):  # compiled whole on CUDA: its kernels are custom ops (kernels.py)
+        """x: (N, N_h, d_h) sub-tokens; x_route: the sub-tokens to route on (default x)."""
         x_route = x if x_route is None else x_route
-        heads = slice(first, first + x.size(1))
         if torch.is_autocast_enabled(x.device.type):  # inputs in bf16, as a Linear would take them,
             dtype = torch.get_autocast_dtype(x.device.type)  # though MoE's come from RMSNorm in fp32
             x, x_route = x.to(dtype), x_route.to(dtype)
         with torch.autocast(x.device.type, enabled=False):  # router math in fp32 (Sec. 2.2), exact products
-            router, bias = (t if x.size(1) == t.size(0) else t[heads] for t in (self.router, self.route_bias))
-            scores, idx = kernels.topk_route(x_route, router, bias, self.topk)
+            scores, idx = kernels.topk_route(x_route, self.router, self.route_bias, self.topk)
             gates = torch.softmax(scores, dim=-1)  # Eq. 2-3: softmax over the k unbiased scores
         if self.training:
-            self.count_load(idx, heads)
+            self.count_load(idx)
         ffn = kernels.expert_ffn if self.expert_parallel is None else self.expert_parallel
-        return ffn(x, idx, gates.to(x.dtype), self.w1, self.w2, kernel=self.kernel, first=first)
+        return ffn(x, idx, gates.to(x.dtype), self.w1, self.w2, kernel=self.kernel)
 
     @torch.no_grad()
-    def count_load(self, idx, heads=slice(None)):
-        # idx: (N, S, k) -> per-head histogram of chosen experts, added to these heads' load. Ones
+    def count_load(self, idx):
+        # idx: (N, N_h, k) -> per-head histogram of chosen experts, added to self.load. Ones
         # added at their indices (exact: whole numbers); bincount would read its largest
         # index back to the host, a device sync in every MoE layer of every micro-batch
         offsets = torch.arange(idx.size(1), device=idx.device).view(1, -1, 1) * self.n_expert
         flat = (idx + offsets).flatten()
-        self.load[heads].view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=self.load.dtype))
+        self.load.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=self.load.dtype))
 
     @torch.no_grad()
     def update_bias(self, rate):
@@ -332,7 +329,7 @@ class MultiHeadLatentMoE(nn.Module):
         self.w_out = nn.Linear(c.moe_heads * c.moe_head_dim, c.n_embd, bias=False)
         self.w_out.weight.is_output_projection = True
         self.head_parallel = None  # parallel.HeadParallel when heads are spread over ranks (Sec. 3.2)
-        self.overlap = False       # under HP: a rank's heads in two halves, each one's exchanges beside the other's experts
+        self.overlap = False       # under HP: two halves, each one's exchanges beside the other's experts
 
     def forward(self, x):
         B, T, C = x.size()
@@ -340,18 +337,16 @@ class MultiHeadLatentMoE(nn.Module):
         hp = self.head_parallel
         if hp is None:
             y = self.route(sub)  # (B*T, N_h, d_h)
-        else:  # the heads are independent MoEs: with overlap, a rank's heads in two halves, whose
-            # exchanges start first, so that each half's runs while the other half computes
-            parts = 2 if self.overlap else 1
-            n = self.moe_heads // hp.size // parts
-            sent = [hp.dispatch(sub, part, parts) for part in range(parts)]
-            y = hp.finish_combine([hp.start_combine(self.route(s, part * n)) for part, s in enumerate(sent)])
+        else:  # the halves' exchanges start first, so that each runs while the other half computes
+            sent = [hp.dispatch(half) for half in (sub.chunk(2) if self.overlap else (sub,))]
+            returned = [hp.start_combine(self.route(s)) for s in sent]
+            y = torch.cat([hp.finish_combine(r) for r in returned])
         return self.w_out(y.reshape(B, T, -1))  # Eq. 6
 
-    def route(self, sub, first=0):
-        """The independent MoEs of heads [first, first + S) on sub-tokens (N, S or 2 S, d_h) -> (N, S, d_h)."""
+    def route(self, sub):
+        """The heads' independent MoEs on sub-tokens (N, N_h or 2 N_h, d_h) -> (N, N_h, d_h)."""
         x_sub, x_route = sub.chunk(2, dim=1) if self.separate_routing_tokens else (sub, None)
-        return self.experts(x_sub, x_route, first)
+        return self.experts(x_sub, x_route)
 
 
 FFN_CLASSES = {"mlp": MLP, "moe": MoE, "latent_moe": LatentMoE, "mh_moe": MHMoE,

@@ -209,7 +209,7 @@ def make_layout(mode, size, rank, world, ep_size=1):
                   head_replicas=groups(lambda r, h, e: h)[h])
 
 
-def check_layout(mode, size, world, config, ep_size=1, overlap=False):
+def check_layout(mode, size, world, config, ep_size=1):
     """Fail before anything is allocated if P ranks (E of them for the experts) cannot split this model."""
     if mode not in ("dp", "ep", "hp"):
         raise SystemExit(f"train.py: --parallel={mode!r} is unknown; choose dp, ep or hp")
@@ -229,11 +229,6 @@ def check_layout(mode, size, world, config, ep_size=1, overlap=False):
         raise SystemExit(f"train.py: --parallel=hp over P={size} ranks, {size // ep_size} for the heads "
                          f"(P / ep_size), needs them to divide moe_heads={config.moe_heads}; change moe_heads, "
                          f"--parallel_size or --ep_size")
-    if mode == "hp" and overlap and config.moe_heads // (size // ep_size) % 2:
-        raise SystemExit(f"train.py: --overlap under --parallel=hp halves each rank's heads, but moe_heads="
-                         f"{config.moe_heads} over {size // ep_size} head ranks leaves "
-                         f"{config.moe_heads // (size // ep_size)}; use fewer head ranks (--parallel_size, "
-                         f"--ep_size) or drop --overlap")
     if mode == "hp" and config.n_expert % ep_size:
         raise SystemExit(f"train.py: --ep_size={ep_size} must divide n_expert={config.n_expert}; "
                          f"change n_expert or --ep_size")
@@ -392,30 +387,26 @@ class HeadParallel:
         self.group, self.size, self.moe_heads = group, size, moe_heads  # the P (or H, under HP x EP) ranks
         self.splits = None  # the last exchange's splits (rows per peer), kept for inspection
 
-    def dispatch(self, sub, part=0, parts=1):
-        """Sends (N, G*N_h, d_h), this rank's tokens, to the heads' ranks: (P*N, G*n, d_h), n of
-        its N_h/P heads of every rank's tokens (rows: rank 0's, rank 1's, ...), in flight: of its
-        heads in `parts` runs of n, run `part`."""
+    def dispatch(self, sub):
+        """Sends (N, G*N_h, d_h), this rank's tokens, to the heads' ranks: (P*N, G*N_h/P, d_h),
+        its heads of every rank's tokens (rows: rank 0's, rank 1's, ...), in flight."""
         P, (N, _, dim) = self.size, sub.shape
-        n = self.moe_heads // P // parts
         # rank p owns heads [p N_h/P, (p+1) N_h/P) of each of the G groups (sub-tokens, routing tokens)
-        runs = sub.view(N, -1, P, parts, n, dim)[:, :, :, part].permute(2, 0, 1, 3, 4)  # (P, N, G, n, d_h)
+        parts = sub.view(N, -1, P, self.moe_heads // P, dim).permute(2, 0, 1, 3, 4)  # (P, N, G, N_h/P, d_h)
         self.splits = [N] * P
-        return funcol.all_to_all_single_autograd(runs.reshape(P * N, -1, dim), self.splits, self.splits, self.group)
+        return funcol.all_to_all_single_autograd(parts.reshape(P * N, -1, dim), self.splits, self.splits, self.group)
 
     def start_combine(self, y):
-        """Starts returning (P*N, n, d_h), the heads' outputs, to their tokens' ranks."""
+        """Starts returning (P*N, N_h/P, d_h), the heads' outputs, to their tokens' ranks."""
         splits = [y.size(0) // self.size] * self.size
         return funcol.all_to_all_single_autograd(y.contiguous(), splits, splits, self.group)
 
-    def finish_combine(self, outs):
-        """(N, N_h, d_h): every head's output for this rank's tokens, from start_combine's results
-        for each run of heads in order (of each, block q holds rank q's heads of that run)."""
-        y = torch.stack([out.view(self.size, -1, *out.shape[1:]) for out in outs], 2)  # (P, N, parts, n, d_h)
-        return y.transpose(0, 1).reshape(y.size(1), -1, y.size(-1))
+    def finish_combine(self, out):
+        """(N, N_h, d_h): every head's output for this rank's tokens (out: start_combine's; block q: rank q's heads)."""
+        return out.view(self.size, -1, *out.shape[1:]).transpose(0, 1).reshape(-1, self.size * out.size(1), out.size(2))
 
     def combine(self, y):
-        return self.finish_combine([self.start_combine(y)])
+        return self.finish_combine(self.start_combine(y))
 
 
 @dataclass
@@ -448,18 +439,16 @@ class ExpertParallel:
         self.splits = None  # (sent, received) rows per peer of the last exchange, kept for inspection
 
     @torch.compiler.disable  # collectives, awaited in Python
-    def __call__(self, x, idx, gates, w1, w2, kernel="fused", first=0):
-        # x: (N, S, d_h) of sets [first, first + S); idx, gates: (N, S, k); w1, w2: (N_h, N_e/P, d_e,
-        # d_h), this rank's experts
+    def __call__(self, x, idx, gates, w1, w2, kernel="fused"):
+        # x: (N, S, d_h); idx, gates: (N, S, k); w1, w2: (S, N_e/P, d_e, d_h), this rank's experts
         halves = list(zip(*(t.chunk(2) for t in (x, idx, gates)))) if self.overlap else [(x, idx, gates)]
-        plans = [self.plan(i, first) for _, i, _ in halves]
+        plans = [self.plan(i) for _, i, _ in halves]
         sent = [self.start_dispatch(h, g, p) for (h, _, g), p in zip(halves, plans)]
         back = [self.start_combine(self.experts(s.result(), p, w1, w2, kernel), p) for s, p in zip(sent, plans)]
         return torch.cat([self.finish_combine(b, p) for b, p in zip(back, plans)])
 
-    def plan(self, idx, first=0):
-        """The Dispatch of the pairs idx (N, S, k) of sets [first, first + S): the metadata exchange
-        HP does without."""
+    def plan(self, idx):
+        """The Dispatch of the pairs idx (N, S, k): the metadata exchange HP does without."""
         P, E, (N, S, k) = self.size, self.local_experts, idx.shape
         choice = idx.reshape(N * S, k)
         owner = choice // E
@@ -473,8 +462,8 @@ class ExpertParallel:
         by_peer = torch.nonzero_static(to_peer.t().flatten(), size=sum(self.splits[0]))[:, 0]  # peer * N S + row
         row, peer = by_peer % (N * S), by_peer // (N * S)
         gated = owner[row] == peer[:, None]
-        # each sent row's k slots: the expert in the peer's flat list of N_h * N_e/P, or -1
-        local = torch.where(gated, ((row % S + first) * E)[:, None] + choice[row] % E, -1)
+        # each sent row's k slots: the expert in the peer's flat list of S * N_e/P, or -1
+        local = torch.where(gated, (row % S * E)[:, None] + choice[row] % E, -1)
         local_recv = local.new_empty(sum(self.splits[1]), k)
         dist.all_to_all_single(local_recv, local, self.splits[1], self.splits[0], group=self.group)
         pairs = torch.nonzero_static(local_recv.flatten() >= 0, size=sum(p for _, p in recv_counts))[:, 0]
@@ -489,7 +478,7 @@ class ExpertParallel:
         return Exchange(torch.cat((rows, g.to(rows.dtype)), 1), plan.splits[1], plan.splits[0], self.group)
 
     def experts(self, received, plan, w1, w2, kernel):
-        """The received rows' pairs through this rank's experts (all N_h sets as one flat list),
+        """The received rows' pairs through this rank's experts (all S sets as one flat list),
         each row's gated outputs summed (Eq. 1): one row to send back per row received."""
         dim = w1.size(-1)
         k = received.size(1) - dim
@@ -546,11 +535,10 @@ class GatheredExpertParallel:
         self.group, self.size, self.local_experts = group, size, local_experts  # the E ranks
         self.splits = None  # rows per peer of the last exchange, kept for inspection
 
-    def __call__(self, x, idx, gates, w1, w2, kernel="fused", first=0):
-        # x: (N, S, d_h) of heads [first, first + S); idx, gates: (N, S, k); w1, w2: (N_h/H, N_e/E,
-        # d_e, d_h), this rank's experts
+    def __call__(self, x, idx, gates, w1, w2, kernel="fused"):
+        # x: (N, S, d_h); idx, gates: (N, S, k); w1, w2: (S, N_e/E, d_e, d_h), this rank's experts
         rows, gates, local = self.dispatch(x, idx, gates)
-        return self.combine(kernels.expert_ffn(rows, local, gates, w1, w2, kernel, absent=True, first=first))
+        return self.combine(kernels.expert_ffn(rows, local, gates, w1, w2, kernel, absent=True))
 
     def dispatch(self, x, idx, gates):
         """Every peer's rows x, (E N, S, d_h), block q rank q's; their gates, and their slots'

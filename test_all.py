@@ -796,13 +796,11 @@ def test_pair_rows_sums_each_rows_copies_gradients_as_autograds_gather(k):
     torch.testing.assert_close(got_in.grad, want_in.grad, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("chunked,halves", [(False, False), (True, False), (False, True)])
-def test_fused_experts_add_each_micro_batchs_weight_gradients_to_grad(chunked, halves, monkeypatch):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_fused_experts_add_each_micro_batchs_weight_gradients_to_grad(chunked, monkeypatch):
     # gradient-accumulation fusion: the dW kernels store the first micro-batch's gradient in
     # .grad and add the next ones, in place and through the chunks' partial sums alike, as
-    # autograd accumulates the fp64 reference's; an expert no pair picks keeps a finite zero.
-    # halves: each micro-batch's heads in two calls, the later head first (HP's overlap, first >
-    # 0): the step's first call writes one head of a new .grad, whose other head must start at 0
+    # autograd accumulates the fp64 reference's; an expert no pair picks keeps a finite zero
     if chunked:
         monkeypatch.setattr(kernels, "CHUNK_MIN", 1)
         monkeypatch.setattr(kernels, "CHUNK_MEANS", 1)
@@ -811,8 +809,7 @@ def test_fused_experts_add_each_micro_batchs_weight_gradients_to_grad(chunked, h
     want = [w.double().requires_grad_() for w in (w1, w2)]
     for seed in (1, 2):
         g = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(DEV)
-        for h in (slice(1, 2), slice(0, 1)) if halves else (slice(0, 2),):
-            kernels.expert_ffn_fused(x[:, h], idx[:, h], gates[:, h], *got, first=h.start).backward(g[:, h])
+        kernels.expert_ffn_fused(x, idx, gates, *got).backward(g)
         kernels.expert_ffn_reference(x.double(), idx, gates.double(), *want).backward(g.double())
     for a, b in zip(got, want):
         assert a.grad.dtype == torch.float32
@@ -1088,10 +1085,11 @@ def parallel_worker(rank, world, mode, size, skew, store, backend="gloo", ffn=No
         assert err < rtol, (name, err)
     for m in model.modules():
         hp, ep = getattr(m, "head_parallel", None), getattr(m, "expert_parallel", None)
-        if hp is not None:  # static, equal and routing-independent: N rows to each peer (with overlap, twice)
-            assert hp.splits == [2 * config.block_size] * layout.heads
+        if hp is not None:  # static, equal and routing-independent: N rows (of a half: N / 2) to each peer
+            assert hp.splits == [2 * config.block_size // (2 if overlap else 1)] * layout.heads
         if isinstance(ep, parallel.GatheredExpertParallel):  # HP x EP: every row to each of the E, skewed or not
-            assert ep.splits == [2 * config.block_size * layout.heads] * layout.experts, ep.splits
+            rows = 2 * config.block_size * layout.heads // (2 if overlap else 1)
+            assert ep.splits == [rows] * layout.experts, ep.splits
         elif ep is not None and skew:  # EP's traffic follows the routing: some ranks get no pair
             assert min(ep.splits[1]) == 0 or min(ep.splits[0]) < max(ep.splits[0]) / 2, ep.splits
             # a (token, set) row crosses once to a rank holding several of its experts (most hold
@@ -1170,9 +1168,9 @@ def test_head_parallel_times_expert_parallel_equals_one_process(world):
 
 @pytest.mark.parametrize("mode", ["hp", "ep"])
 def test_overlapped_halves_equal_one_process(mode):
-    # two halves (under HP of a rank's heads, under EP of each micro-batch): one's all-to-alls in
-    # flight while the other's experts run, forward and backward; P = 2 of 4 ranks, so across
-    # data-parallel replicas too, and skewed (under EP the rank of experts 4-7 then receives nothing)
+    # each micro-batch's two halves: one's all-to-alls in flight while the other's experts run,
+    # forward and backward; P = 2 of 4 ranks, so across data-parallel replicas too, and skewed
+    # (under EP the rank of experts 4-7 then receives nothing)
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
         torch.multiprocessing.spawn(parallel_worker, args=(4, mode, 2, True, store, "gloo", None, 1, True), nprocs=4)
@@ -1261,13 +1259,12 @@ def test_checkpoint_from_two_data_parallel_ranks_resumes_on_one(corpus, tmp_path
     ("hp", 4, 4, {"ep_size": 3}, ["--ep_size=3 must divide --parallel_size P=4"]),
     ("hp", 8, 8, {"ep_size": 1}, ["P=8", "8 for the heads", "moe_heads=4"]),
     ("hp", 4, 4, {"ep_size": 4, "n_expert": 6}, ["--ep_size=4 must divide n_expert=6"]),
-    ("hp", 4, 4, {"overlap": True}, ["--overlap", "moe_heads=4 over 4 head ranks leaves 1"]),
 ])
 def test_bad_parallel_setup_is_named(mode, size, world, kw, words):
-    ep_size, overlap = kw.pop("ep_size", 1), kw.pop("overlap", False)
+    ep_size = kw.pop("ep_size", 1)
     config = small_config(**{**PAR, "ffn": "mh_latent_moe", **kw})
     with pytest.raises(SystemExit) as e:
-        parallel.check_layout(mode, size, world, config, ep_size, overlap)
+        parallel.check_layout(mode, size, world, config, ep_size)
     for w in words:
         assert w in str(e.value)
 

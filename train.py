@@ -59,7 +59,7 @@ DEFAULTS = dict(
     # ranks (0: all of them) times data parallel over the rest; with "hp", ep_size > 1 splits
     # each head's experts over ep_size of those ranks (HP x EP), the heads over the others
     parallel="dp", parallel_size=0, ep_size=1,
-    overlap=False,             # hp: a rank's heads, ep: a micro-batch, in halves, each one's all-to-alls beside the other's experts
+    overlap=False,             # hp, ep: a micro-batch's halves, each one's all-to-alls beside the other's experts
 )
 
 
@@ -565,7 +565,7 @@ def main(argv, on_step=None):
         torch.use_deterministic_algorithms(True, warn_only=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     size = a["parallel_size"] or world
-    parallel.check_layout(a["parallel"], size, world, config, a["ep_size"], a["overlap"])
+    parallel.check_layout(a["parallel"], size, world, config, a["ep_size"])
     rank, world, device = parallel.init_distributed(a["device"])
     layout = parallel.make_layout(a["parallel"], size, rank, world, a["ep_size"])
     master = rank == 0
