@@ -1176,6 +1176,31 @@ def test_overlapped_halves_equal_one_process(mode):
         torch.multiprocessing.spawn(parallel_worker, args=(4, mode, 2, True, store, "gloo", None, 1, True), nprocs=4)
 
 
+def test_overlap_awaits_each_compiled_exchange_where_its_result_is_used(tmp_path, monkeypatch):
+    # inductor places a functional collective's wait right after its start, so a half's
+    # exchange could not run beside the other half's compute; wait_where_used (--overlap
+    # under HP) sinks each wait to the first use of its result: both exchanges start first
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+    from torch._inductor.utils import run_and_get_code
+    for key in ("reorder_for_compute_comm_overlap", "reorder_for_compute_comm_overlap_passes"):
+        monkeypatch.setattr(parallel.inductor_config, key, getattr(parallel.inductor_config, key))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        def halves(a, b):
+            x = funcol.all_to_all_single(a, [4], [4], dist.group.WORLD)
+            y = funcol.all_to_all_single(b, [4], [4], dist.group.WORLD)
+            return (x.relu() @ a).sum() + (y.relu() @ b).sum()
+        parallel.wait_where_used()
+        _, (code,) = run_and_get_code(torch.compile(halves), torch.randn(4, 4), torch.randn(4, 4))
+        calls = [("start" if "all_to_all_single" in line else "wait") for line in code.splitlines()
+                 if "all_to_all_single.default(" in line or "wait_tensor.default(" in line]
+        assert calls == ["start", "start", "wait", "wait"], calls
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
+
+
 def test_an_exchange_is_freed_with_its_graph(tmp_path):
     # a tensor -> grad_fn -> ctx -> exchange -> tensor cycle runs through C++ autograd nodes,
     # which the cyclic GC does not collect: it leaked every micro-batch's exchanged rows
