@@ -374,6 +374,13 @@ class ExchangeWait(torch.autograd.Function):
         return grad, None  # passed on to ExchangeStart.backward, which returns grad_x instead
 
 
+def all_to_all(t, splits, group):
+    """t's rows, splits[q] of them to rank q, and as many back from each (HP's and HP x EP's
+    static splits): a functional collective, in flight until its result is first used, and
+    traced by torch.compile."""
+    return funcol.all_to_all_single_autograd(t.contiguous(), splits, splits, group)
+
+
 class HeadParallel:
     """
     Sec. 3.2: the all-to-all moves before routing; its splits are static and equal.
@@ -394,12 +401,12 @@ class HeadParallel:
         # rank p owns heads [p N_h/P, (p+1) N_h/P) of each of the G groups (sub-tokens, routing tokens)
         parts = sub.view(N, -1, P, self.moe_heads // P, dim).permute(2, 0, 1, 3, 4)  # (P, N, G, N_h/P, d_h)
         self.splits = [N] * P
-        return funcol.all_to_all_single_autograd(parts.reshape(P * N, -1, dim), self.splits, self.splits, self.group)
+        return all_to_all(parts.reshape(P * N, -1, dim), self.splits, self.group)
 
     def start_combine(self, y):
         """Starts returning (P*N, N_h/P, d_h), the heads' outputs, to their tokens' ranks."""
         splits = [y.size(0) // self.size] * self.size
-        return funcol.all_to_all_single_autograd(y.contiguous(), splits, splits, self.group)
+        return all_to_all(y, splits, self.group)
 
     def finish_combine(self, out):
         """(N, N_h, d_h): every head's output for this rank's tokens (out: start_combine's; block q: rank q's heads)."""
@@ -549,13 +556,12 @@ class GatheredExpertParallel:
         local = torch.where(idx // L == peer, idx % L, -1)  # (E, N, S, k): the experts of each peer
         slots = torch.cat((gates.to(x.dtype).expand(E, *gates.shape), index_columns(local, x)), -1)
         self.splits = [N] * E
-        rows, slots = (funcol.all_to_all_single_autograd(t.flatten(0, 1).contiguous(), self.splits, self.splits,
-                                                         self.group) for t in (x.expand(E, *x.shape), slots))
+        rows, slots = (all_to_all(t.flatten(0, 1), self.splits, self.group) for t in (x.expand(E, *x.shape), slots))
         gates, local = slots.split(idx.size(-1), -1)
         return rows, gates, index_values(local)
 
     def combine(self, y):
         """y (E N, S, d_h), this rank's experts' outputs for every peer's rows -> (N, S, d_h):
         each of this rank's rows summed over the peers' outputs, in rank order."""
-        out = funcol.all_to_all_single_autograd(y.contiguous(), self.splits, self.splits, self.group)
+        out = all_to_all(y, self.splits, self.group)
         return out.view(self.size, -1, *out.shape[1:]).sum(0)
