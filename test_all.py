@@ -752,11 +752,13 @@ def test_flex_expert_forward_matches_fp64_oracle(routing, expert_dim):
 
 @pytest.mark.parametrize("routing,n_expert,expert_dim,dim,chunked,k", [
     ("uniform", 40, 48, 16, False, 3), ("one_expert", 5, 70, 16, False, 3), ("skewed", 5, 40, 136, False, 3),
-    ("one_expert", 5, 70, 16, True, 3), ("skewed", 6, 40, 16, True, 3), ("uniform", 6, 40, 16, False, 1)])
+    ("one_expert", 5, 70, 16, True, 3), ("skewed", 6, 40, 16, True, 3), ("uniform", 6, 40, 16, False, 1),
+    ("uniform", 3, 70, 16, False, 3)])
 def test_fused_triton_experts_match_fp64_in_output_and_gradients(routing, n_expert, expert_dim, dim, chunked, k,
                                                                   monkeypatch):
     # 37 x 3 pairs: partial tiles, of 16 pairs over 40 experts (dW in chunks of 32 hidden units),
-    # of 32 over 5; d_e = 70: full and partial chunks of hidden units; k = 1, as EP's receivers
+    # of 32 over 5, of 64 over 3 (forward and dX in chunks of 16 hidden units); d_e = 70: full
+    # and partial chunks of hidden units; k = 1, as EP's receivers
     # call it: no sum over k;
     # d_h = 136: rows wider than 128 take tiles of their own, padded to 256 columns. On a GPU
     # those rows are tested in bf16: in fp32 (544 bytes) expert_path sends them to flex; the
@@ -778,6 +780,27 @@ def test_fused_triton_experts_match_fp64_in_output_and_gradients(routing, n_expe
         assert torch.linalg.norm(a.double() - b) / torch.linalg.norm(b) < tol
     with torch.no_grad():  # no backward to come: the forward keeps no pre-activations, same output
         assert torch.equal(kernels.expert_ffn_fused(*got_in), got)
+
+
+def test_fused_backward_fills_no_gradient_for_the_kept_pre_activations():
+    # pre (P x d_e, the largest tensor of the layer) is an output of the op that no one
+    # differentiates; autograd would fill a zero gradient for it in every backward
+    from torch.utils._python_dispatch import TorchDispatchMode
+    x, idx, gates, w1, w2 = [t.requires_grad_() if t.is_floating_point() else t
+                             for t in expert_inputs(37, 2, 16, 5, 24, 3)]
+    y = kernels.expert_ffn_fused(x, idx, gates, w1, w2)
+    filled = []
+
+    class Fills(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func._overloadpacket in (torch.ops.aten.zeros, torch.ops.aten.zero_, torch.ops.aten.fill_):
+                filled.append(tuple(out.shape))
+            return out
+
+    with Fills():
+        y.backward(torch.randn_like(y))
+    assert (37 * 2 * 3, 24) not in filled and x.grad is not None
 
 
 @pytest.mark.parametrize("k", [1, 3])
