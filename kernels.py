@@ -518,8 +518,8 @@ def fused_tiles(dim, pairs_per_expert):
     of 128, 16,384 tokens: 1.03 -> 1.00 ms uniform, 1.18 -> 1.07 under Zipf s = 1.5), and 64
     at d_h > 128, where fewer pipeline stages also pay (4 heads of 256: forward + backward 3.4 ms -> 2.6).
     At d_h <= 128 and tiles of 64, the forward and dX take 16 hidden units a step, their
-    registers capped at 128, so that more programs share a multiprocessor (dX: four where two
-    were; 32,768 tokens, 8 heads of 128, N_e 384, H200: forward 0.87 -> 0.84 ms, dX 1.42 -> 1.08).
+    registers capped at 128, so that more programs fit a multiprocessor's registers (dX: four
+    where two did; 32,768 tokens, 8 heads of 128, N_e 384, H200: forward 0.87 -> 0.84 ms, dX 1.42 -> 1.08).
     """
     m = min(64, max(16, triton.next_power_of_2(int(pairs_per_expert))))
     tiles, dw_tiles = dict(FUSED_TILES, BLOCK_M=m), dict(FUSED_DW_TILES, BLOCK_M=m) | (SMALL_DW_TILES if m == 16 else {})
