@@ -186,7 +186,28 @@ def _route_dw_kernel(X, DS, Order, ChunkGroup, ChunkStart, ChunkEnd, ChunkSlot, 
             tl.store(Partial + slot * D + dims, acc, mask=dim_ok)
 
 
-ROUTE = dict(BLOCK_N=128, BLOCK_E=64, num_warps=8)  # best exact config of a sweep on an H100
+# The forward's launch configs, from sweeps of 36 on an H200 at five shapes (indices checked
+# equal). The three bf16 dots: 64 x 64 blocks over 4 warps in 2 stages (d_h 256, 32,768 tokens
+# x 4 heads, N_e 384: 0.88 -> 0.52 ms), their registers capped at 168 at d_h <= 128 (131,072
+# tokens x 2 heads of 128, N_e 768: 1.01 -> 0.84 ms; 32,768 x 8 heads, N_e 384: 0.57 -> 0.46;
+# d_h 64: 0.40 -> 0.29; the cap spills at d_h 256); at k > 4, whose merge holds twice the keys,
+# 128 x 128 blocks over 8 warps (d_h 128, N_e 768, k 8: 2.10 -> 1.46 ms). The fp32 FMA dot:
+# 128 x 64 over 8 warps, halved at d_h 256 (shared memory), and 32 experts a block at k > 4 (at
+# 64 the merge's keys spilled: 16,384 tokens, 8 x 128, N_e 768, k 8: 34 ms a call against 2.2).
+ROUTE_SPLIT = dict(BLOCK_N=64, BLOCK_E=64, num_warps=4, num_stages=2)
+ROUTE_SPLIT_NARROW = dict(maxnreg=168)                            # changes at d_h <= 128, k <= 4
+ROUTE_SPLIT_WIDE_K = dict(BLOCK_N=128, BLOCK_E=128, num_warps=8)  # changes at d_h <= 128, k > 4
+ROUTE_FMA = dict(BLOCK_N=128, BLOCK_E=64, num_warps=8)
+
+
+def route_config(dim, k, split):
+    """The router forward's launch config for sub-tokens of width dim, k picks, bf16 parts or not."""
+    if split:
+        return ROUTE_SPLIT if dim > 128 else ROUTE_SPLIT | (ROUTE_SPLIT_WIDE_K if k > 4 else ROUTE_SPLIT_NARROW)
+    n, e = ROUTE_FMA["BLOCK_N"], ROUTE_FMA["BLOCK_E"]
+    return dict(ROUTE_FMA, BLOCK_N=n // 2 if dim > 128 else n, BLOCK_E=e // 2 if dim > 128 or k > 4 else e)
+
+
 ROUTE_MAX_DIM = 256
 ROUTE_BLOCK_P = 64   # pairs per step of the dW segmented reduction
 ROUTE_DX_BLOCK_N = 64  # tokens per dX program: a (64, d_h) fp32 accumulator stays in registers
@@ -230,23 +251,18 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> 
     n_tok = x3.size(0)
     scores = torch.empty(n_tok, n_heads, k, device=x.device, dtype=torch.float32)
     index = torch.empty(n_tok, n_heads, k, device=x.device, dtype=torch.int64)
-    # at d_h = 256 a (128, d_h) fp32 tile and the pipelined W blocks overflow shared memory
-    block_n = ROUTE["BLOCK_N"] if dim <= 128 else ROUTE["BLOCK_N"] // 2
-    # at k > 4 the merge's keys spill out of registers at 64 experts a block in the fp32
-    # dot's kernel (H100, N_e = 768, k = 8: 34 ms a call against 2.2 ms at 32 experts a
-    # block); at d_h = 256 the three pipelined bf16 parts of 64 experts overflow shared memory
-    block_e = ROUTE["BLOCK_E"] if k <= 4 and dim <= 128 else ROUTE["BLOCK_E"] // 2
     # bf16 sub-tokens on a GPU take three bf16 dots; fp32 (and fp16) ones the fp32 FMA dot,
     # as do bf16 ones under the CPU interpreter, which cannot dot bf16 (triton#11584)
     split = x.dtype == torch.bfloat16 and x.is_cuda
     parts = router_parts(weight) if split else weight
     wt = transposed_router(weight)
-    grid = (triton.cdiv(n_tok, block_n), n_heads)
+    config = route_config(dim, k, split)
+    grid = (triton.cdiv(n_tok, config["BLOCK_N"]), n_heads)
     _route_fwd_kernel[grid](
         x3, weight, parts, wt, bias, scores, index, n_tok, n_expert,
         *x3.stride(), *weight.stride(), parts.stride(0), wt.stride(0), wt.stride(1), bias.stride(0),
         D=dim, BLOCK_D=triton.next_power_of_2(dim), K=k, KP=max(triton.next_power_of_2(k), 2),
-        BLOCK_N=block_n, BLOCK_E=block_e, SPLIT=split, num_warps=ROUTE["num_warps"])
+        SPLIT=split, **config)
     out_shape = (*x.shape[:-1], k)
     return scores.view(out_shape), index.view(out_shape)
 
