@@ -768,6 +768,37 @@ def sum_chunks(partial, out, chunks, accumulate=False):
         partial, out, chunks.first_slot, chunks.slots, width, BLOCK=SUM_CHUNKS_BLOCK, ACCUMULATE=accumulate)
 
 
+@triton.jit
+def _sum_pairs_kernel(Y, Out, n, K: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    # row i of Out (n, D) = the sum of rows i k .. i k + k - 1 of Y, in fp32, in order
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    ok = (rows < n)[:, None] & (d < D)[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for j in tl.static_range(K):
+        acc += tl.load(Y + (rows[:, None].to(tl.int64) * K + j) * D + d[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.store(Out + rows[:, None].to(tl.int64) * D + d[None, :], acc.to(Out.dtype.element_ty), mask=ok)
+
+
+SUM_PAIRS_ROWS = 32
+
+
+def sum_pairs(y, k):
+    """
+    sum_over_k of the fused kernels' per-pair rows (N * k, d) -> (N, d), as one Triton pass
+    inside their ops, where no autograd runs. torch's reduction over the middle dim of
+    (N, k, d) took 0.14 ms at 32,768 tokens x 8 heads x k 4 x d_h 128 (H200), twice a
+    forward+backward.
+    """
+    if k == 1:
+        return y
+    n, dim = y.size(0) // k, y.size(1)
+    out = y.new_empty(n, dim)
+    _sum_pairs_kernel[(triton.cdiv(n, SUM_PAIRS_ROWS),)](y, out, n, K=k, D=dim, BLOCK_D=triton.next_power_of_2(dim),
+                                                        BLOCK_N=SUM_PAIRS_ROWS)
+    return out
+
+
 def fused_launch(x, config):
     dim = x.size(1)
     return dict(config, D=dim, BLOCK_D=max(triton.next_power_of_2(dim), 16),
@@ -797,7 +828,7 @@ def fused_experts(x: torch.Tensor, gates: torch.Tensor, w1: torch.Tensor, w2: to
     _fused_experts_fwd_kernel[(tile_group.numel(),)](
         x, gates, w1c, w2c, y, pre, order, tile_group, tile_start, tile_end, w1c.size(1), k,
         **fused_launch(x, config), SAVE_PRE=save)
-    return sum_over_k(y, k), pre
+    return sum_pairs(y, k), pre
 
 
 @fused_experts.register_fake
@@ -826,7 +857,7 @@ def fused_experts_backward(dout: torch.Tensor, x: torch.Tensor, gates: torch.Ten
     if weights:
         fused_weight_gradients([weight_parameter(w) for w in (w1, w2)], dw_config,
                                x, dout, gates, pre, dpre, order, starts, k)
-    return sum_over_k(dx, k), dgates.to(gates.dtype)
+    return sum_pairs(dx, k), dgates.to(gates.dtype)
 
 
 @fused_experts_backward.register_fake
