@@ -780,15 +780,15 @@ def _sum_pairs_kernel(Y, Out, n, K: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.c
     tl.store(Out + rows[:, None].to(tl.int64) * D + d[None, :], acc.to(Out.dtype.element_ty), mask=ok)
 
 
-SUM_PAIRS_ROWS = 32
+SUM_PAIRS_ROWS = 32  # rows a program (16: 0.085 ms, 64: 0.092, 128: 0.104 at that shape)
 
 
 def sum_pairs(y, k):
     """
     sum_over_k of the fused kernels' per-pair rows (N * k, d) -> (N, d), as one Triton pass
     inside their ops, where no autograd runs. torch's reduction over the middle dim of
-    (N, k, d) took 0.14 ms at 32,768 tokens x 8 heads x k 4 x d_h 128 (H200), twice a
-    forward+backward.
+    (N, k, d) took 0.136 ms at 32,768 tokens x 8 heads x k 4 x d_h 128, twice a
+    forward+backward; this pass 0.087, the same values (H200).
     """
     if k == 1:
         return y
