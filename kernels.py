@@ -386,13 +386,11 @@ def cluster_by_expert(idx, n_expert):
     Fig. 2's clustering: sort the (token, head, slot) pairs by (head, expert), stably.
     idx: (N, N_h, k). Returns the flat pair indices (into N*N_h*k) in clustered order
     and the group boundaries, (N_h * N_e + 1,): the pairs of group g = head * N_e + expert
-    are order[starts[g]:starts[g + 1]]. Slots of expert -1 (absent, expert_ffn) come last,
-    in no group. Static shapes throughout (no bincount).
+    are order[starts[g]:starts[g + 1]]. Static shapes throughout (no bincount).
     """
     N, n_sets, k = idx.shape
     head = torch.arange(n_sets, device=idx.device, dtype=torch.int32).view(1, -1, 1)
-    # int32 keys: half the sort's memory of int64; an absent slot (-1) sorts after every group
-    group = torch.where(idx >= 0, idx.int() + head * n_expert, n_sets * n_expert).flatten()
+    group = (idx.int() + head * n_expert).flatten()  # int32 keys: half the sort's memory of int64
     order = torch.argsort(group, stable=True)
     bounds = torch.arange(n_sets * n_expert + 1, device=idx.device, dtype=torch.int32)
     return order, torch.searchsorted(group[order], bounds)
@@ -460,24 +458,16 @@ EXPERT_KERNELS = ("fused", "flex", "grouped")  # expert_ffn's paths on CUDA
 FUSED_MAX_ROW_BYTES = 512  # the fused kernels keep whole sub-token rows in shared memory
 
 
-def expert_ffn(x, idx, gates, w1, w2, kernel="fused", absent=False):
+def expert_ffn(x, idx, gates, w1, w2, kernel="fused"):
     """
     x: (N, N_h, d_h) sub-tokens; idx, gates: (N, N_h, k);
     w1, w2: (N_h, N_e, d_e, d_h). Returns (N, N_h, d_h).
     On CUDA the kernel named ("fused", "flex" or "grouped"), the plain twin elsewhere.
     Rows too wide for a kernel take the next: fused up to 512 bytes a row (d_h 256 in
     bf16, 128 in fp32), flex up to d_h = 256, grouped beyond.
-    absent: idx may hold -1, a slot whose expert is not here (another rank's, under HP x EP):
-    it adds nothing and its gate gets no gradient. The fused path skips such pairs; the
-    others compute them with expert 0 at gate 0.
     """
     check_expert_args(x, idx, gates, w1, w2)
     path = expert_path(x, kernel) if x.is_cuda and x.size(0) else expert_ffn_reference
-    if path is expert_ffn_fused:
-        return path(x, idx, gates, w1, w2, absent)
-    if absent:
-        here = idx >= 0
-        idx, gates = idx.clamp_min(0), gates * here
     return path(x, idx, gates, w1, w2)
 
 
@@ -808,7 +798,7 @@ def fused_launch(x, config):
 @torch.library.custom_op("nano::fused_experts", mutates_args=())
 def fused_experts(x: torch.Tensor, gates: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, order: torch.Tensor,
                   starts: torch.Tensor, tile_group: torch.Tensor, tile_start: torch.Tensor, tile_end: torch.Tensor,
-                  k: int, save: bool, absent: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                  k: int, save: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """
     Eq. 1 over the clustered pairs. x: (N * S, d) sub-tokens; gates: (N * S * k,);
     w1, w2: (S, N_e, d_e, d), the expert weights (parameters, or views of whole ones), cast
@@ -817,13 +807,11 @@ def fused_experts(x: torch.Tensor, gates: torch.Tensor, w1: torch.Tensor, w2: to
     backward will run. Returns (y, pre): y (N * S, d), and the pre-activations x W1^T,
     (N * S * k, d_e) in clustered order (none unless save), all the backward keeps: no
     hidden unit nor any copy of x. The kernel reads x and writes each pair's gated output
-    through order, so no clustered copy exists; the sum over k follows. absent: some pairs
-    are in no group (cluster_by_expert); no tile covers them, so their outputs are zeros,
-    set beforehand.
+    through order, so no clustered copy exists; the sum over k follows.
     """
     w1c, w2c = expert_compute_copies(x, w1, w2)
     config = fused_tiles(x.size(1), order.numel() / w1c.size(0))[0]
-    y = (x.new_zeros if absent else x.new_empty)(order.numel(), x.size(1))
+    y = x.new_empty(order.numel(), x.size(1))
     pre = x.new_empty(order.numel() if save else 0, w1c.size(1))
     _fused_experts_fwd_kernel[(tile_group.numel(),)](
         x, gates, w1c, w2c, y, pre, order, tile_group, tile_start, tile_end, w1c.size(1), k,
@@ -832,7 +820,7 @@ def fused_experts(x: torch.Tensor, gates: torch.Tensor, w1: torch.Tensor, w2: to
 
 
 @fused_experts.register_fake
-def _(x, gates, w1, w2, order, starts, tile_group, tile_start, tile_end, k, save, absent):
+def _(x, gates, w1, w2, order, starts, tile_group, tile_start, tile_end, k, save):
     return x.new_empty(x.shape), x.new_empty(order.numel() if save else 0, w1.size(-2))
 
 
@@ -840,17 +828,16 @@ def _(x, gates, w1, w2, order, starts, tile_group, tile_start, tile_end, k, save
 def fused_experts_backward(dout: torch.Tensor, x: torch.Tensor, gates: torch.Tensor, w1: torch.Tensor,
                            w2: torch.Tensor, pre: torch.Tensor, order: torch.Tensor, starts: torch.Tensor,
                            tile_group: torch.Tensor, tile_start: torch.Tensor, tile_end: torch.Tensor, k: int,
-                           absent: bool, weights: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                           weights: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """
     (dX, dgates) of fused_experts, from dout (N * S, d) in x's dtype. With `weights`, dW1 and
     dW2 go straight into the parameters' .grad (fused_weight_gradients), not through autograd.
     """
     w1c, w2c = expert_compute_copies(x, w1, w2)
     config, dw_config = fused_tiles(x.size(1), order.numel() / w1c.size(0))
-    new = x.new_zeros if absent else x.new_empty
-    dx = new(order.numel(), x.size(1))  # per pair
+    dx = x.new_empty(order.numel(), x.size(1))  # per pair
     dpre = torch.empty_like(pre)
-    dgates = new(order.numel(), dtype=torch.float32)
+    dgates = x.new_empty(order.numel(), dtype=torch.float32)
     _fused_experts_dx_kernel[(tile_group.numel(),)](
         dout, gates, w1c, w2c, pre, dx, dpre, dgates, order, tile_group, tile_start, tile_end, w1c.size(1), k,
         **fused_launch(x, config))
@@ -861,14 +848,14 @@ def fused_experts_backward(dout: torch.Tensor, x: torch.Tensor, gates: torch.Ten
 
 
 @fused_experts_backward.register_fake
-def _(dout, x, gates, w1, w2, pre, order, starts, tile_group, tile_start, tile_end, k, absent, weights):
+def _(dout, x, gates, w1, w2, pre, order, starts, tile_group, tile_start, tile_end, k, weights):
     return x.new_empty(x.shape), gates.new_empty(gates.shape)
 
 
 def fused_experts_setup(ctx, inputs, output):
-    x, gates, w1, w2, order, starts, *tiles, k, _, absent = inputs
+    x, gates, w1, w2, order, starts, *tiles, k, _ = inputs
     ctx.save_for_backward(x, gates, w1, w2, output[1], order, starts, *tiles)
-    ctx.k, ctx.absent = k, absent
+    ctx.k = k
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # else autograd fills a zero gradient for pre, P x d_e, every backward
 
@@ -876,9 +863,9 @@ def fused_experts_setup(ctx, inputs, output):
 def fused_experts_grad(ctx, dy, _):
     x, gates, w1, w2, pre, order, starts, *tiles = ctx.saved_tensors
     dout = dy.to(x.dtype).contiguous()  # fp32 from the graph after it; cast in the traced backward; read 3 times
-    dx, dgates = fused_experts_backward(dout, x, gates, w1, w2, pre, order, starts, *tiles, ctx.k, ctx.absent,
+    dx, dgates = fused_experts_backward(dout, x, gates, w1, w2, pre, order, starts, *tiles, ctx.k,
                                         any(ctx.needs_input_grad[2:4]))
-    return dx, dgates, *[None] * 10
+    return dx, dgates, *[None] * 9
 
 
 torch.library.register_autograd("nano::fused_experts", fused_experts_grad, setup_context=fused_experts_setup)
@@ -995,16 +982,15 @@ def cast_once(w, dtype):
     return CastOnce.apply(weight_parameter(w), dtype).view(w.shape)
 
 
-def expert_ffn_fused(x, idx, gates, w1, w2, absent=False):
-    """The fused Triton grouped GEMM over the clustered pairs (CUDA, or the interpreter);
-    absent: as expert_ffn's."""
+def expert_ffn_fused(x, idx, gates, w1, w2):
+    """The fused Triton grouped GEMM over the clustered pairs (CUDA, or the interpreter)."""
     N, n_sets, dim = x.shape
     n_groups = n_sets * w1.size(1)
     order, starts = glue(cluster_by_expert, x)(idx, w1.size(1))
     tiles = glue(tile_table, x)(starts, order.numel(), fused_tiles(dim, order.numel() / n_groups)[0]["BLOCK_M"])
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gates, w1, w2))
     y, _ = fused_experts(x.reshape(N * n_sets, dim).contiguous(), gates.flatten().contiguous(), w1, w2, order,
-                         starts, *tiles, idx.size(-1), save, absent)
+                         starts, *tiles, idx.size(-1), save)
     return y.view(N, n_sets, dim)
 
 

@@ -437,7 +437,7 @@ class GPT(nn.Module):
         cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.shard_dims = {}  # state-dict name -> (heads dim, experts dim) along which parallel.shard_model split it
+        self.shard_dims = {}  # state-dict name -> (heads dim, dim split E ways) along which parallel.shard_model split it
         self.init_weights()
 
     @torch.no_grad()

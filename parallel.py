@@ -11,10 +11,12 @@ spreading experts over P ranks (Sec. 2.3 and 3.2):
     heads' sub-tokens of every rank's tokens; one reverse all-to-all after.
     No metadata, and the traffic does not depend on routing or on k.
   HP x EP (beyond the paper, which names it in Sec. 3.2): the P ranks of a group
-    split the heads over H = P / E ranks and each head's experts over E ranks.
-    Rank h E + e of a group holds heads h and experts e of them: HP's all-to-all
-    runs among the H ranks of expert shard e, then, among the E ranks of heads h,
-    an EP that gathers every row to each of them, static like HP's. So HP scales
+    split the heads over H = P / E ranks and each head's experts over E ranks, by
+    their hidden units. Rank h E + e of a group holds heads h and the e-th E-th of
+    the hidden units of every expert of them: HP's all-to-all runs among the H
+    ranks of shard e, then, among the E ranks of heads h, every row is gathered to
+    each of them, static like HP's, and their partial outputs are summed. Every
+    rank does 1/E of each pair's work, however the routing skews. So HP scales
     past N_h GPUs without replicating every expert.
 
 With W ranks and P-way EP or HP, the W ranks form W / P = R groups of P
@@ -173,14 +175,14 @@ def update_router_biases(model, rate):
 
 @dataclass
 class Layout:
-    """Rank h E + e of each group of P = H E ranks holds heads h (of H) and experts e (of E)."""
+    """Rank h E + e of each group of P = H E ranks holds heads h (of H) and hidden units e (of E) of their experts."""
     mode: str                     # "dp", "ep" or "hp"
     heads: int = 1                # H: HP's ranks (1 under EP)
     experts: int = 1              # E: EP's ranks (1 under plain HP)
     head_index: int = 0           # h
     expert_index: int = 0         # e
     head_group: object = None     # the H ranks of HP's all-to-all: same e, every h
-    expert_group: object = None   # the E ranks of EP's all-to-all: same h, every e
+    expert_group: object = None   # the E ranks of EP's all-to-all (HP x EP's gather): same h, every e
     replicas: object = None       # the R ranks that hold the same shard (h, e)
     head_replicas: object = None  # the E R ranks that hold heads h (their routers)
 
@@ -229,9 +231,12 @@ def check_layout(mode, size, world, config, ep_size=1):
         raise SystemExit(f"train.py: --parallel=hp over P={size} ranks, {size // ep_size} for the heads "
                          f"(P / ep_size), needs them to divide moe_heads={config.moe_heads}; change moe_heads, "
                          f"--parallel_size or --ep_size")
-    if mode == "hp" and config.n_expert % ep_size:
-        raise SystemExit(f"train.py: --ep_size={ep_size} must divide n_expert={config.n_expert}; "
-                         f"change n_expert or --ep_size")
+    if mode == "hp" and config.expert_dim % ep_size:
+        raise SystemExit(f"train.py: --ep_size={ep_size} must divide expert_dim={config.expert_dim} (HP x EP "
+                         f"splits every expert's hidden units over the E ranks); change expert_dim or --ep_size")
+    if mode == "hp" and ep_size > 1 and config.n_expert > 2 ** 15:
+        raise SystemExit(f"train.py: --ep_size={ep_size} sends expert indices as 16-bit integers inside the "
+                         f"bf16 rows' message; n_expert={config.n_expert} is above 32768: use --ep_size=1")
     if mode == "ep" and not config.is_moe:
         raise SystemExit("train.py: --parallel=ep needs a MoE ffn; ffn='mlp' has no experts: use dp")
     if mode == "ep" and config.n_expert % size:
@@ -242,8 +247,9 @@ def check_layout(mode, size, world, config, ep_size=1):
 def shard_model(model, layout, overlap=False):
     """
     Keep this rank's shard of every MoE layer; remember, for the checkpoints, the dims along
-    which it was split: (heads dim, experts dim), None where it was not. overlap: under HP
-    or EP, each micro-batch's halves exchange while the other half computes.
+    which it was split: (heads dim, dim of the E-way split: experts under EP, hidden units
+    under HP x EP), None where it was not. overlap: under HP or EP, each micro-batch's
+    halves exchange while the other half computes.
     """
     from model import MultiHeadLatentMoE, RoutedExperts
     if overlap and layout.mode == "hp":
@@ -253,10 +259,9 @@ def shard_model(model, layout, overlap=False):
             m.head_parallel = HeadParallel(layout.head_group, layout.heads, m.moe_heads)
             m.overlap = overlap
             if layout.experts > 1:
-                m.experts.expert_parallel = GatheredExpertParallel(layout.expert_group, layout.experts,
-                                                                   m.experts.n_expert // layout.experts)
-            # the heads; of each head, its experts (HP x EP); the routers go with their heads
-            sharded = {"router": (0, None), "w1": (0, 1), "w2": (0, 1), "route_bias": (0, None), "load": (0, None)}
+                m.experts.expert_parallel = GatheredExpertParallel(layout.expert_group, layout.experts)
+            # the heads; of each head, its experts' hidden units (HP x EP); the routers go with their heads
+            sharded = {"router": (0, None), "w1": (0, 2), "w2": (0, 2), "route_bias": (0, None), "load": (0, None)}
         elif isinstance(m, RoutedExperts) and layout.mode == "ep":
             m.expert_parallel = ExpertParallel(layout.expert_group, layout.experts, m.n_expert // layout.experts)
             m.expert_parallel.overlap = overlap
@@ -280,7 +285,7 @@ def wait_where_used():
 
 
 def take_shard(t, dims, layout):
-    """This rank's piece of t: heads h of H along dims[0], experts e of E along dims[1]."""
+    """This rank's piece of t: heads h of H along dims[0], part e of E along dims[1]."""
     piece = t.detach()
     for dim, n, i in zip(dims, (layout.heads, layout.experts), (layout.head_index, layout.expert_index)):
         if dim is not None:
@@ -300,8 +305,8 @@ def checkpoint_mesh(layout, world, device):
 def sharded_state(model, optimizer, mesh):
     """
     The model and AdamW state as torch.distributed.checkpoint sees it. An expert shard is a
-    DTensor placed on the mesh (Replicate over the data-parallel replicas, Shard along its
-    heads and experts dims within a group, Replicate along a mesh dim it is not split by);
+    DTensor placed on the mesh (Replicate over the data-parallel replicas, Shard along the
+    dims split by heads and by E within a group, Replicate along a mesh dim it is not split by);
     everything else is a plain tensor, which DCP takes as replicated and writes once. The
     tensors are this rank's own, not copies: saving reads them, loading fills them in place,
     and DCP reshards a checkpoint of one layout into any other.
@@ -528,40 +533,42 @@ def index_values(columns):
 
 class GatheredExpertParallel:
     """
-    EP among the few ranks E of HP x EP, with no metadata: every rank's rows go to each of
-    the E ranks (an all-gather, as an all-to-all of equal splits), each rank runs the pairs
-    of its own experts among them and skips the others (expert_ffn's absent slots), and
-    the partial outputs go back to their rows' ranks, to be summed in rank order (a
-    reduce-scatter). Its splits are static, as HP's: no counts cross and the host never
-    waits, where ExpertParallel waits for the counts in every layer of every micro-batch.
-    The price is traffic: a row crosses to every peer, where EP's sends it only to those
-    holding one of its k experts, 1 - (1 - 1/E)^k of them (94% at E = 2, k = 4).
+    EP among the few ranks E of HP x EP, with no metadata: each of the E ranks holds an
+    E-th of the hidden units of every expert of its heads (Eq. 1 is a sum over hidden
+    units), every rank's rows go to each of the E ranks (an all-gather, as an all-to-all of
+    equal splits), each rank runs every pair on its hidden units, and the partial outputs
+    go back to their rows' ranks, to be summed in rank order (a reduce-scatter). Its splits
+    are static, as HP's: no counts cross and the host never waits, where ExpertParallel
+    waits for the counts in every layer of every micro-batch; and each rank's work is 1/E
+    of every pair's, however the routing skews, where a split by experts leaves the hot
+    experts' rank with all of it (mh_4b at one rank of HP 2 x EP 2, every token on the
+    same 4 experts, H200: experts forward+backward 6.31 ms split by experts, 3.71 split by
+    hidden units; 3.86 and 3.89 under uniform routing). The price is traffic: a row
+    crosses to every peer, where EP's sends it only to those holding one of its k experts.
     """
 
-    def __init__(self, group, size, local_experts):
-        self.group, self.size, self.local_experts = group, size, local_experts  # the E ranks
+    def __init__(self, group, size):
+        self.group, self.size = group, size  # the E ranks
         self.splits = None  # rows per peer of the last exchange, kept for inspection
 
     def __call__(self, x, idx, gates, w1, w2, kernel="fused"):
-        # x: (N, S, d_h); idx, gates: (N, S, k); w1, w2: (S, N_e/E, d_e, d_h), this rank's experts
-        rows, gates, local = self.dispatch(x, idx, gates)
-        return self.combine(kernels.expert_ffn(rows, local, gates, w1, w2, kernel, absent=True))
+        # x: (N, S, d_h); idx, gates: (N, S, k); w1, w2: (S, N_e, d_e/E, d_h), this rank's hidden units
+        rows, idx, gates = self.dispatch(x, idx, gates)
+        return self.combine(kernels.expert_ffn(rows, idx, gates, w1, w2, kernel))
 
     def dispatch(self, x, idx, gates):
-        """Every peer's rows x, (E N, S, d_h), block q rank q's; their gates, and their slots'
-        experts among this rank's (-1: another rank's), (E N, S, k). The rows travel in a message
-        of their own, so that they arrive contiguous for the expert kernels."""
-        E, L, N = self.size, self.local_experts, x.size(0)
-        peer = torch.arange(E, device=idx.device).view(E, 1, 1, 1)
-        local = torch.where(idx // L == peer, idx % L, -1)  # (E, N, S, k): the experts of each peer
-        slots = torch.cat((gates.to(x.dtype).expand(E, *gates.shape), index_columns(local, x)), -1)
+        """Every peer's rows x, (E N, S, d_h), block q rank q's, and their experts and gates,
+        (E N, S, k). The rows travel in a message of their own, so that they arrive
+        contiguous for the expert kernels."""
+        E, N = self.size, x.size(0)
+        slots = torch.cat((gates.to(x.dtype), index_columns(idx, x)), -1)
         self.splits = [N] * E
-        rows, slots = (all_to_all(t.flatten(0, 1), self.splits, self.group) for t in (x.expand(E, *x.shape), slots))
-        gates, local = slots.split(idx.size(-1), -1)
-        return rows, gates, index_values(local)
+        rows, slots = (all_to_all(t.expand(E, *t.shape).flatten(0, 1), self.splits, self.group) for t in (x, slots))
+        gates, idx = slots.split(idx.size(-1), -1)
+        return rows, index_values(idx), gates
 
     def combine(self, y):
-        """y (E N, S, d_h), this rank's experts' outputs for every peer's rows -> (N, S, d_h):
-        each of this rank's rows summed over the peers' outputs, in rank order."""
+        """y (E N, S, d_h), this rank's partial outputs for every peer's rows -> (N, S, d_h):
+        each of this rank's rows summed over the peers' partial outputs, in rank order."""
         out = all_to_all(y, self.splits, self.group)
         return out.view(self.size, -1, *out.shape[1:]).sum(0)

@@ -839,27 +839,29 @@ def test_fused_experts_add_each_micro_batchs_weight_gradients_to_grad(chunked, m
         assert torch.linalg.norm(a.grad.double() - b.grad) / torch.linalg.norm(b.grad) < 1e-5
 
 
-@pytest.mark.parametrize("here", [0.5, 0.0])
-def test_fused_experts_skip_absent_slots_which_add_nothing(here):
-    # HP x EP's gathered rows: a slot of expert -1 is another rank's; it adds nothing and its
-    # gate gets no gradient (here = 0: no slot is this rank's, as under skewed routing). The
-    # oracle: the fp64 reference with those slots at expert 0 and gate 0
-    x, idx, gates, w1, w2 = expert_inputs(37, 2, 16, 6, 40, 3, "uniform")
-    absent = torch.rand(idx.shape, generator=torch.Generator().manual_seed(3)).to(DEV) >= here
-    idx = torch.where(absent, -1, idx)
-    got_in = [t.clone().requires_grad_() for t in (x, gates, w1, w2)]
+@pytest.mark.parametrize("routing", ["uniform", "hot"])
+def test_fused_experts_over_slices_of_the_hidden_units_sum_to_the_whole(routing):
+    # HP x EP: each of the E ranks runs every pair on its slice of every expert's hidden
+    # units (Eq. 1 sums over them): the slices' outputs and input gradients add up to the
+    # whole's, and their weight gradients are the whole's, sliced (fp64 oracle; 40 = 13 + 27)
+    x, idx, gates, w1, w2 = expert_inputs(37, 2, 16, 6, 40, 3, routing)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(DEV)
     want_in = [t.double().requires_grad_() for t in (x, gates, w1, w2)]
-    got = kernels.expert_ffn_fused(got_in[0], idx, *got_in[1:], absent=True)
-    want = kernels.expert_ffn_reference(want_in[0], idx.clamp_min(0), want_in[1] * ~absent, *want_in[2:])
-    g = torch.randn_like(want)
-    got.backward(g.float())
-    want.backward(g)
-    assert torch.linalg.norm(got.double() - want) / torch.linalg.norm(want).clamp_min(1e-30) < 1e-5
-    for a, b in zip(got_in, want_in):
-        assert torch.linalg.norm(a.grad.double() - b.grad) / torch.linalg.norm(b.grad).clamp_min(1e-30) < 1e-5
-    assert not got_in[1].grad[absent].any()
-    if here == 0:
-        assert not got.any() and not any(t.grad.any() for t in got_in)
+    want = kernels.expert_ffn_reference(want_in[0], idx, *want_in[1:])
+    want.backward(g.double())
+    ins = [t.clone().requires_grad_() for t in (x, gates)]
+    out, weights = 0, []
+    for part in (slice(0, 13), slice(13, 40)):
+        w = [t[:, :, part].clone().requires_grad_() for t in (w1, w2)]
+        out = out + kernels.expert_ffn_fused(ins[0], idx, ins[1], *w)
+        weights.append(w)
+    out.backward(g)
+    assert torch.linalg.norm(out.double() - want) / torch.linalg.norm(want) < 1e-5
+    for a, b in zip(ins, want_in):
+        assert torch.linalg.norm(a.grad.double() - b.grad) / torch.linalg.norm(b.grad) < 1e-5
+    for i, b in enumerate(want_in[2:]):
+        got = torch.cat([w[i].grad for w in weights], 2).double()
+        assert torch.linalg.norm(got - b.grad) / torch.linalg.norm(b.grad) < 1e-5
 
 
 def take_triton_paths(set_attr=setattr):
@@ -1134,7 +1136,7 @@ def test_parallel_loss_and_gradients_equal_one_process(mode, world, skew):
 def test_head_parallel_blocks_compile_whole_and_equal_one_process(world, ep_size, skew, overlap):
     # HP's exchanges and HP x EP's gathered ones are functional collectives, traced by
     # torch.compile with the router's and the experts' custom ops: each block is one graph
-    # (fullgraph=True); HP 2 x EP 2 in halves, skewed so that expert shard 1 receives no pair
+    # (fullgraph=True); HP 2 x EP 2 in halves, skewed
     if torch.cuda.is_available():  # gloo's CPU tensors take Triton only under the interpreter
         pytest.skip("on GPUs the compiled blocks are tested under NCCL")
     with tempfile.TemporaryDirectory() as tmp:
@@ -1180,12 +1182,11 @@ def test_head_parallel_with_data_parallel_replicas_equals_one_process(skew):
 
 @pytest.mark.parametrize("world", [4, 8])
 def test_head_parallel_times_expert_parallel_equals_one_process(world):
-    # HP 2 x EP 2: heads over 2 ranks, each head's 8 experts over 2; at 8 ranks, 2 data-parallel
-    # replicas of that. Skewed, every token picks experts 1-3, of expert shard 0: the ranks of
-    # shard 1 receive no pair (skewed and in halves: compiled, above)
+    # HP 2 x EP 2: heads over 2 ranks, the hidden units of each head's 8 experts over 2; at 8
+    # ranks, 2 data-parallel replicas of that. At 4 skewed: every token picks experts 1-3
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        torch.multiprocessing.spawn(parallel_worker, args=(world, "hp", 4, False, store, "gloo", None, 2),
+        torch.multiprocessing.spawn(parallel_worker, args=(world, "hp", 4, world == 4, store, "gloo", None, 2),
                                     nprocs=world)
 
 
@@ -1276,7 +1277,7 @@ def test_checkpoints_reshard_from_head_parallel_4_to_2_to_one_process(corpus, tm
 
 
 def test_head_parallel_times_expert_parallel_checkpoint_resumes_on_one_rank_and_on_hp_4(corpus, tmp_path):
-    # written by HP 2 x EP 2 (every expert shard split two ways), read back whole by one
+    # written by HP 2 x EP 2 (every expert's hidden units split two ways), read back whole by one
     # process and by HP 4 (each head whole on one rank): both continue with the same losses
     kw = dict(max_steps=4, ckpt_interval=2, keep_last_n=5, **PAR)
     both, one, hp4 = (str(tmp_path / n) for n in ("both", "one", "hp4"))
@@ -1306,7 +1307,8 @@ def test_checkpoint_from_two_data_parallel_ranks_resumes_on_one(corpus, tmp_path
     ("ep", 4, 4, {"ep_size": 2}, ["--ep_size=2 applies to --parallel=hp"]),
     ("hp", 4, 4, {"ep_size": 3}, ["--ep_size=3 must divide --parallel_size P=4"]),
     ("hp", 8, 8, {"ep_size": 1}, ["P=8", "8 for the heads", "moe_heads=4"]),
-    ("hp", 4, 4, {"ep_size": 4, "n_expert": 6}, ["--ep_size=4 must divide n_expert=6"]),
+    ("hp", 4, 4, {"ep_size": 4, "expert_dim": 6}, ["--ep_size=4 must divide expert_dim=6"]),
+    ("hp", 4, 4, {"ep_size": 2, "n_expert": 2 ** 15 + 1}, ["n_expert=32769", "above 32768"]),
 ])
 def test_bad_parallel_setup_is_named(mode, size, world, kw, words):
     ep_size = kw.pop("ep_size", 1)
