@@ -57,7 +57,7 @@ DEFAULTS = dict(
     device="auto", compile=False, seed=1337, peak_tflops=989.0,  # peak for MFU: H100 dense bf16
     # parallelism: "dp" data parallel only; "ep" expert or "hp" head parallel over parallel_size
     # ranks (0: all of them) times data parallel over the rest; with "hp", ep_size > 1 splits
-    # each head's experts over ep_size of those ranks (HP x EP), the heads over the others
+    # each head's experts over ep_size of those ranks by hidden units (HP x EP), the heads over the others
     parallel="dp", parallel_size=0, ep_size=1,
     overlap=False,             # hp, ep: a micro-batch's halves, each one's all-to-alls beside the other's experts
 )
