@@ -647,7 +647,10 @@ def _fused_experts_dw_kernel(X, DOut, Gates, Pre, DPre, DW1, DW2, Partial1, Part
                              ChunkStart, ChunkEnd, ChunkSlot, hidden, K, D: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
                              ACCUMULATE: tl.constexpr):
-    t, c = tl.program_id(0), tl.program_id(1) * BLOCK_H  # one chunk of an expert's pairs, one chunk of its hidden units
+    # one chunk of an expert's pairs and one chunk of its hidden units; the hidden chunks of a chunk of pairs
+    # are neighbours in launch order, so that all but the first read its rows of x and dOut from L2
+    n_hidden = tl.cdiv(hidden, BLOCK_H)
+    t, c = tl.program_id(0) // n_hidden, tl.program_id(0) % n_hidden * BLOCK_H
     g = tl.load(ChunkGroup + t)
     if g >= 0:
         start, end, slot = tl.load(ChunkStart + t), tl.load(ChunkEnd + t), tl.load(ChunkSlot + t)
@@ -886,7 +889,7 @@ def fused_weight_gradients(params, dw_config, x, dout, gates, pre, dpre, order, 
     chunks = glue(chunk_table, x)(starts, order.numel(), chunk_pairs(order.numel(), n_groups, block_m))
     partial1, partial2 = (torch.empty(chunks.max_slots, hidden, dim, device=x.device, dtype=torch.float32)
                           for _ in range(2))
-    _fused_experts_dw_kernel[(chunks.group.numel(), triton.cdiv(hidden, dw_config["BLOCK_H"]))](
+    _fused_experts_dw_kernel[(chunks.group.numel() * triton.cdiv(hidden, dw_config["BLOCK_H"]),)](
         x, dout, gates, pre, dpre, dw1, dw2, partial1, partial2, order, chunks.group, chunks.start, chunks.end,
         chunks.slot, hidden, k, **fused_launch(x, dw_config), ACCUMULATE=accumulate)
     sum_chunks(partial1, dw1, chunks, accumulate)
