@@ -685,6 +685,20 @@ def test_triton_router_never_selects_padding_experts():
     assert_same_experts_up_to_ties(idx, x, w, b * 0, 8)
 
 
+def test_triton_router_picks_experts_in_range_for_a_nan_sub_token():
+    # a NaN sub-token's scores are all NaN: its picks are meaningless but must index real
+    # experts (the recomputed scores and the backward gather W^T by them); the others are untouched
+    x, w, b = route_inputs(9, 2, 32, 70, seed=4)
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    scores, idx = kernels.topk_route_triton(bad, w, b, 4)
+    assert ((idx >= 0) & (idx < 70)).all()
+    want_scores, want_idx = kernels.topk_route_triton(x, w, b, 4)
+    keep = torch.ones(9, 2, dtype=torch.bool, device=DEV)
+    keep[3, 1] = False
+    assert torch.equal(idx[keep], want_idx[keep]) and torch.equal(scores[keep], want_scores[keep])
+
+
 def test_triton_router_breaks_exact_ties_toward_the_lower_index():
     # small integers make every score exact in fp32, whatever the order of summation
     g = torch.Generator().manual_seed(3)
