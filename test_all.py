@@ -999,6 +999,8 @@ def test_chunk_table_covers_every_pair_once_in_bounded_chunks(counts, chunk):
     assert len(group) == -(-n_pairs // chunk) + n_groups  # a static count: no host sync
     real = [t for t in range(len(group)) if group[t] >= 0]
     assert all(start[t] == end[t] for t in range(len(group)) if group[t] < 0)  # padding is empty
+    lengths = [end[t] - start[t] for t in range(len(group))]
+    assert lengths == sorted(lengths, reverse=True)  # launched longest first
     used = []
     for g, count in enumerate(counts):
         mine = [t for t in real if group[t] == g]
