@@ -148,12 +148,12 @@ def grad_norm(params):
 
 
 @torch.no_grad()
-def update_router_biases(model, rate):
+def global_loads(model):
     """
-    Aux-loss-free, global load balancing (Wang et al. 2024a; Qiu et al. 2025):
-    sum each router's expert counts over the whole global batch (all
-    micro-batches, all ranks), then b += u * sign(mean - load). Returns the
-    max/mean load of each MoE layer, for the log.
+    Aux-loss-free, global load balancing (Wang et al. 2024a; Qiu et al. 2025) moves each
+    router's bias by the expert counts of the whole global batch (all micro-batches, all
+    ranks): sums them in place. Returns each MoE layer's max/mean load, for the log, on
+    the device, so that the trainer reads it with the step's loss, in one wait.
     """
     stats = []
     for experts in model.routed_experts():
@@ -161,13 +161,19 @@ def update_router_biases(model, rate):
             dist.all_reduce(experts.load, group=getattr(experts.route_bias, "replicas", None))
         load = experts.load
         stats.append((load.max(dim=-1).values / load.mean(dim=-1).clamp_min(1e-9)).max())
-        experts.update_bias(rate)
     if not stats:
-        return []
+        return torch.zeros(0)
     stats = torch.stack(stats)
     if distributed():  # under HP each rank saw its own heads: report the worst head of all
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-    return stats.tolist()
+    return stats
+
+
+@torch.no_grad()
+def update_router_biases(model, rate):
+    """b += u * sign(mean - load) for every router, from the counts global_loads summed."""
+    for experts in model.routed_experts():
+        experts.update_bias(rate)
 
 
 # -----------------------------------------------------------------------------

@@ -1435,6 +1435,25 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(corpus, tmp_path, monke
     assert not os.path.exists(os.path.join(out, "ckpt_00000006"))
 
 
+def test_every_step_moves_the_router_biases_by_the_sign_rule_and_logs_the_loads(corpus, tmp_path):
+    # Eq. 4's aux-loss-free balancing after each step: b += u sign(mean - load), so every bias
+    # moves by u, up or down (the load of an expert equal to the mean leaves its bias), and the
+    # log holds each MoE layer's max/mean load, read with the loss
+    out, rate = str(tmp_path), 0.01
+    train.main(run_args(corpus, out, max_steps=2, warmup_steps=1, decay_steps=1, ckpt_interval=1, keep_last_n=5,
+                        balance_steps=0, bias_update_rate=rate))
+    config, one = train.read_model(os.path.join(out, "ckpt_00000001"))
+    two = train.read_model(os.path.join(out, "ckpt_00000002"))[1]
+    biases = [k for k in one if k.endswith("route_bias")]
+    assert len(biases) == config.n_layer - config.n_dense_layers
+    for k in biases:
+        moved = (two[k] - one[k]).abs()
+        assert ((moved - rate).abs() < 1e-6).float().mean() > 0.9 and (moved < rate + 1e-6).all(), k
+    loads = [json.loads(line)["load_max_over_mean"] for line in open(os.path.join(out, "log.jsonl"))
+             if "load_max_over_mean" in line]
+    assert [len(load) for load in loads] == [len(biases)] * 2 and min(map(min, loads)) >= 1.0
+
+
 def test_routing_collapse_is_reported(capsys):
     watch = train.CollapseWatch(share=0.5, steps=3)
     for step, shares in enumerate([[0.6, 0.1], [0.7, 0.1], [0.2, 0.1], [0.6, 0.1], [0.6, 0.2], [0.9, 0.1],

@@ -535,9 +535,10 @@ def balance_routing(model, data, steps, accum, autocast, device):
             x, _ = (to_device(t, device) for t in data.next_batch())
             with autocast:
                 model(x)
-        loads.append(max(parallel.update_router_biases(model, BALANCE_RATE * (1 - i / steps))))
+        loads.append(parallel.global_loads(model).max())
+        parallel.update_router_biases(model, BALANCE_RATE * (1 - i / steps))
     data.load_state_dict({"pos": 0, "epoch": 0})
-    return loads[0], loads[-1]
+    return loads[0].item(), loads[-1].item()
 
 
 class CollapseWatch:
@@ -678,20 +679,24 @@ def main(argv, on_step=None):
         if a["grad_clip"]:
             torch.nn.utils.clip_grads_with_norm_(model.parameters(), a["grad_clip"], norm)
         # one all-reduce tells every rank the global loss and whether any rank was signalled;
-        # one read of the device brings them and the norm to the host
+        # one read of the device brings them, the norm and the expert loads to the host: the
+        # step's only wait (a second, after the optimizer's step, left the device idle until
+        # the next step's first kernels were launched)
         loss_stop = parallel.mean_over_ranks(
             torch.stack([loss_sum / accum, torch.tensor(float(bool(interrupted)), device=device)]))
-        loss, stop, norm = torch.cat([loss_stop, norm.view(1).to(loss_stop.dtype)]).tolist()
+        load = parallel.global_loads(model)
+        loss, stop, norm, *load = torch.cat([loss_stop, norm.view(1).to(loss_stop), load.to(loss_stop)]).tolist()
         finite = math.isfinite(loss) and math.isfinite(norm)
         if finite:
             optimizer.step()
+            parallel.update_router_biases(model, a["bias_update_rate"])
             bad_steps = 0
-        else:  # skip the update: weights and optimizer state stay as they were
+        else:  # skip the update: weights, optimizer state and router biases stay as they were
             bad_steps += 1
+            load = []
             for experts in model.routed_experts():
                 experts.load.zero_()
         optimizer.zero_grad(set_to_none=True)
-        load = parallel.update_router_biases(model, a["bias_update_rate"]) if finite else []
         step_ms = (time.time() - t_step) * 1000  # the loss's .tolist() above waited for the device
         step += 1
         if master and not finite:
