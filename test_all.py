@@ -1436,12 +1436,12 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(corpus, tmp_path, monke
 
 
 def test_every_step_moves_the_router_biases_by_the_sign_rule_and_logs_the_loads(corpus, tmp_path):
-    # Eq. 4's aux-loss-free balancing after each step: b += u sign(mean - load), so every bias
+    # Sec. 2.2's global aux-free balancing after each step, b += u sign(mean - load): every bias
     # moves by u, up or down (the load of an expert equal to the mean leaves its bias), and the
     # log holds each MoE layer's max/mean load, read with the loss
     out, rate = str(tmp_path), 0.01
     train.main(run_args(corpus, out, max_steps=2, warmup_steps=1, decay_steps=1, ckpt_interval=1, keep_last_n=5,
-                        balance_steps=0, bias_update_rate=rate))
+                        bias_update_rate=rate))
     config, one = train.read_model(os.path.join(out, "ckpt_00000001"))
     two = train.read_model(os.path.join(out, "ckpt_00000002"))[1]
     biases = [k for k in one if k.endswith("route_bias")]
