@@ -680,8 +680,8 @@ def main(argv, on_step=None):
             torch.nn.utils.clip_grads_with_norm_(model.parameters(), a["grad_clip"], norm)
         # one all-reduce tells every rank the global loss and whether any rank was signalled;
         # one read of the device brings them, the norm and the expert loads to the host: the
-        # step's only wait (a second, after the optimizer's step, left the device idle until
-        # the next step's first kernels were launched)
+        # step's one wait but for a logging step's synchronize (a second, after the optimizer's
+        # step, left the device idle until the next step's first kernels were launched)
         loss_stop = parallel.mean_over_ranks(
             torch.stack([loss_sum / accum, torch.tensor(float(bool(interrupted)), device=device)]))
         load = parallel.global_loads(model)
