@@ -817,6 +817,21 @@ def test_fused_backward_fills_no_gradient_for_the_kept_pre_activations():
     assert (37 * 2 * 3, 24) not in filled and x.grad is not None
 
 
+@pytest.mark.parametrize("n_heads,n_expert", [(3, 5), (3, 11_000)])  # int16 keys; int32 past 32,766 groups
+def test_cluster_by_expert_sorts_the_pairs_stably_by_head_then_expert(n_heads, n_expert):
+    # oracle: Python's stable sort of the flat (token, head, slot) pairs by (head, expert), and
+    # each group's first pair counted from the group sizes
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, n_expert, (41, n_heads, 3), generator=g)
+    idx[:20] = n_expert - 1  # ties, and the last group's key, the largest
+    pairs = [(p // 3 % n_heads, e) for p, e in enumerate(idx.flatten().tolist())]
+    want = sorted(range(len(pairs)), key=lambda p: pairs[p])
+    sizes = torch.bincount(torch.tensor([h * n_expert + e for h, e in pairs]), minlength=n_heads * n_expert)
+    order, starts = kernels.cluster_by_expert(idx.to(DEV), n_expert)
+    assert order.tolist() == want
+    assert starts.tolist() == [0] + sizes.cumsum(0).tolist()
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_pair_rows_sums_each_rows_copies_gradients_as_autograds_gather(k):
     # each pair's sub-token in clustered order (skewed: most pairs on one expert, some experts on
