@@ -364,6 +364,29 @@ def device_timeline(events):
     return sum(e - s for s, e in merged(spans)) / 1e3, sum(e - s for s, e in work) / 1e3, beside / 1e3
 
 
+IDLE_GAP_CLASSES = ((0.05, "under 50 us"), (1.0, "50 us to 1 ms"), (float("inf"), "1 ms or more"))
+
+
+def idle_gaps(events, n=5):
+    """
+    Where the device idles (no kernel running) in profiled events: {class: ms} of the gaps
+    by length (IDLE_GAP_CLASSES), and the n longest as (ms, the kernel before, the kernel
+    after). Short gaps are launch latencies between kernels; long ones, the host behind.
+    """
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+    gaps, end, last = [], None, None
+    for start, stop, name in kernels:
+        if end is not None and start > end:
+            gaps.append(((start - end) / 1e3, last, name))
+        if end is None or stop > end:
+            end, last = stop, name
+    by_class = {label: 0.0 for _, label in IDLE_GAP_CLASSES}
+    for ms, *_ in gaps:
+        by_class[next(label for bound, label in IDLE_GAP_CLASSES if ms < bound)] += ms
+    return by_class, sorted(gaps, key=lambda gap: -gap[0])[:n]
+
+
 def step_split(kernel_times):
     """{part: ms} from {kernel name: ms}."""
     split = {part: 0.0 for part, _ in STEP_PARTS} | {"other": 0.0}
@@ -443,6 +466,11 @@ def bench_e2e(argv):
         print("longest kernels of the profiled step (ms), by part:")
         for name, v in sorted(kernel_times.items(), key=lambda kv: -kv[1])[:30]:
             print(f"  {v:9.2f}  {kernel_part(name):10s}  {name[:110]}")
+        by_class, longest = idle_gaps(prof.events())
+        print("device idle in the profiled step: " + ", ".join(f"{ms:.1f} ms in gaps {label}"
+                                                                for label, ms in by_class.items()) + "; the longest:")
+        for ms, before, after in longest:
+            print(f"  {ms:9.2f}  after {before[:60]}  before {after[:60]}")
     path = os.path.join(OUT, "e2e.json")
     rows = json.load(open(path))["rows"] if os.path.exists(path) else []
     key = ("model", "parallel", "GPUs", "routing", "micro-batch")

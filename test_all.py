@@ -1562,6 +1562,20 @@ def test_device_timeline_measures_busy_time_and_exchange_beside_compute():
     assert bench.device_timeline(events) == pytest.approx((0.23, 0.11, 0.06))
 
 
+def test_idle_gaps_are_classed_by_length_and_named_by_the_kernels_around_them():
+    from types import SimpleNamespace as Event
+
+    import bench
+    event = lambda kind, name, start, end: Event(device_type=kind, name=name, time_range=Event(start=start, end=end))
+    kernel = lambda name, start, end: event(torch.autograd.DeviceType.CUDA, name, start, end)
+    # microseconds: gaps of 20 (a-b), 300 (b-d: c ran inside b) and 2,000 (d-e); the host's event is no kernel
+    events = [kernel("a", 0, 100), kernel("b", 120, 200), kernel("c", 150, 160), kernel("d", 500, 600),
+              event(torch.autograd.DeviceType.CPU, "host", 600, 2600), kernel("e", 2600, 2700)]
+    by_class, longest = bench.idle_gaps(events, n=2)
+    assert by_class == pytest.approx({"under 50 us": 0.02, "50 us to 1 ms": 0.3, "1 ms or more": 2.0})
+    assert longest == [(pytest.approx(2.0), "d", "e"), (pytest.approx(0.3), "b", "d")]
+
+
 def test_end_to_end_benchmark_reports_throughput(corpus, tmp_path, monkeypatch):
     import bench
     monkeypatch.setattr(bench, "OUT", str(tmp_path))
