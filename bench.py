@@ -373,14 +373,11 @@ def idle_gaps(events, n=5):
     by length (IDLE_GAP_CLASSES), and the n longest as (ms, the kernel before, the kernel
     after). Short gaps are launch latencies between kernels; long ones, the host behind.
     """
-    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
-                     if e.device_type == torch.autograd.DeviceType.CUDA)
-    gaps, end, last = [], None, None
-    for start, stop, name in kernels:
-        if end is not None and start > end:
-            gaps.append(((start - end) / 1e3, last, name))
-        if end is None or stop > end:
-            end, last = stop, name
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    ending = {e.time_range.end: e.name for e in kernels}      # a busy span ends with the kernel ending last
+    starting = {e.time_range.start: e.name for e in kernels}
+    spans = merged((e.time_range.start, e.time_range.end) for e in kernels)
+    gaps = [((b[0] - a[1]) / 1e3, ending[a[1]], starting[b[0]]) for a, b in zip(spans, spans[1:])]
     by_class = {label: 0.0 for _, label in IDLE_GAP_CLASSES}
     for ms, *_ in gaps:
         by_class[next(label for bound, label in IDLE_GAP_CLASSES if ms < bound)] += ms
