@@ -127,13 +127,12 @@ def bench_router(B=40, T=2048, n_heads=8, dim=128, k=4, cases=ROUTER_ROWS):
         row = {"N_e": n_expert, "routing": routing}
         routes = {"naive": kernels.topk_route_reference, "ours": kernels.topk_route_triton}
         for name, route in routes.items() if routing == "uniform" else [("ours", kernels.topk_route_triton)]:
-            scores, idx = route(x, w, b, k)
+            scores, idx = route(x, w, b, k)[:2]
             g = torch.randn_like(scores)
             row[f"{name} fwd ms"], row[f"{name} fwd MiB"] = timed(lambda: route(x, w, b, k))
 
             def fwd_bwd():
-                s, _ = route(x, w, b, k)
-                torch.autograd.backward(s, g)
+                torch.autograd.backward(route(x, w, b, k)[0], g)
             row[f"{name} fwd+bwd ms"], row[f"{name} fwd+bwd MiB"] = timed(fwd_bwd)
             row[f"{name} idx"] = idx
             row[f"{name} scores"] = scores

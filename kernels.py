@@ -36,8 +36,10 @@ def check_route_args(x, weight, bias, k):
 def topk_route(x, weight, bias, k):
     """
     x: (..., N_h, d_h); weight: (N_h, d_h, N_e) fp32; bias: (N_h, N_e) fp32.
-    Returns the k scores with the bias removed, (..., N_h, k) fp32, and their
-    expert indices (..., N_h, k), ordered by biased score, descending.
+    Returns the k scores with the bias removed, (..., N_h, k) fp32, their expert
+    indices (..., N_h, k), ordered by biased score, descending, and the picks'
+    clustering (order, starts) by cluster_by_expert, which the experts, the load
+    counts and the Triton router's weight gradient share: one sort a layer.
     The IO-aware Triton kernels on CUDA, the plain twin elsewhere.
     """
     check_route_args(x, weight, bias, k)
@@ -47,9 +49,9 @@ def topk_route(x, weight, bias, k):
     # tensor cores, exactly (topk_route_split), fp32 ones in fp32
     if x.is_cuda and weight.size(1) <= ROUTE_MAX_DIM:
         return topk_route_triton(x, weight, bias, k)
-    if x.is_cuda and x.dtype == torch.bfloat16:
-        return topk_route_split(x, weight, bias, k)
-    return topk_route_reference(x, weight, bias, k)
+    route_dense = topk_route_split if x.is_cuda and x.dtype == torch.bfloat16 else topk_route_reference
+    scores, idx = route_dense(x, weight, bias, k)
+    return scores, idx, glue(cluster_by_expert, x)(idx.reshape(-1, *idx.shape[-2:]), weight.size(-1))
 
 
 def topk_route_reference(x, weight, bias, k):
@@ -267,8 +269,10 @@ def transposed_router(weight):
 # shapes of what they return; their backward passes are custom ops too.
 
 @torch.library.custom_op("nano::route", mutates_args=())
-def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Alg. 1: (scores, index), each (..., N_h, k), of sub-tokens x (..., N_h, d_h)."""
+def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+          k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Alg. 1: (scores, index), each (..., N_h, k), of sub-tokens x (..., N_h, d_h), and the
+    picks' clustering (order, starts: cluster_by_expert), which the backward's dW sums by."""
     n_heads, dim, n_expert = weight.shape
     x3 = x.reshape(-1, n_heads, dim)  # a view where possible: strides go to the kernel
     n_tok = x3.size(0)
@@ -286,19 +290,24 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> 
         *x3.stride(), *weight.stride(), parts.stride(0), wt.stride(0), wt.stride(1), bias.stride(0),
         D=dim, BLOCK_D=triton.next_power_of_2(dim), K=k, KP=max(triton.next_power_of_2(k), 2),
         SPLIT=split, **config)
+    order, starts = glue(cluster_by_expert, x3)(index, n_expert)
     out_shape = (*x.shape[:-1], k)
-    return scores.view(out_shape), index.view(out_shape)
+    return scores.view(out_shape), index.view(out_shape), order, starts
 
 
 @route.register_fake
 def _(x, weight, bias, k):
     shape = (*x.shape[:-1], k)
-    return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.int64)
+    n_heads, _, n_expert = weight.shape
+    return (x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.int64),
+            x.new_empty(x.numel() // x.size(-1) * k, dtype=torch.int64),
+            x.new_empty(n_heads * n_expert + 1, dtype=torch.int64))
 
 
 @torch.library.custom_op("nano::route_backward", mutates_args=())
 def route_backward(d_scores: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor,
-                   need_dx: bool, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   order: torch.Tensor, starts: torch.Tensor, need_dx: bool,
+                   need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Alg. 2: (dX, dW) of route, each empty where not needed."""
     n_heads, dim, n_expert = weight.shape
     x3 = x.reshape(-1, n_heads, dim)
@@ -306,8 +315,7 @@ def route_backward(d_scores: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     ds = d_scores.reshape(n_tok, n_heads, k).float().contiguous()
     block_d = triton.next_power_of_2(dim)
     dx, dw = x.new_empty(0), weight.new_empty(0)
-    if need_dw:  # first, so that the sort's buffers are freed before dX exists
-        order, starts = glue(cluster_by_expert, x3)(index.view(n_tok, n_heads, k), n_expert)
+    if need_dw:  # first, so that its partial sums are freed before dX exists
         chunks = glue(chunk_table, x3)(starts, order.numel(),
                                        chunk_pairs(order.numel(), starts.numel() - 1, ROUTE_DW_TILES["BLOCK_P"]))
         dwt = torch.empty(n_heads * n_expert, dim, device=x3.device, dtype=torch.float32)
@@ -317,7 +325,7 @@ def route_backward(d_scores: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
             n_heads, n_expert, *x3.stride(), D=dim, BLOCK_D=block_d, K=k, **ROUTE_DW_TILES)
         sum_chunks(partial, dwt, chunks)
         dw = dwt.view(n_heads, n_expert, dim).transpose(1, 2).contiguous()
-        del order, starts, chunks, partial
+        del chunks, partial
     if need_dx:
         wt = transposed_router(weight)
         dx = torch.empty(n_tok, n_heads, dim, device=x3.device, dtype=x.dtype)  # fp32 sums, stored once
@@ -329,19 +337,19 @@ def route_backward(d_scores: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
 
 
 @route_backward.register_fake
-def _(d_scores, x, weight, index, need_dx, need_dw):
+def _(d_scores, x, weight, index, order, starts, need_dx, need_dw):
     return x.new_empty(x.shape if need_dx else 0), weight.new_empty(weight.shape if need_dw else 0)
 
 
 def route_setup(ctx, inputs, output):
     x, weight, _, _ = inputs
-    ctx.save_for_backward(x, weight, output[1])
+    ctx.save_for_backward(x, weight, *output[1:])
 
 
-def route_grad(ctx, d_scores, _):
-    x, weight, index = ctx.saved_tensors
+def route_grad(ctx, d_scores, *_):
+    x, weight, index, order, starts = ctx.saved_tensors
     need_dx, need_dw = ctx.needs_input_grad[:2]
-    dx, dw = route_backward(d_scores, x, weight, index, need_dx, need_dw)
+    dx, dw = route_backward(d_scores, x, weight, index, order, starts, need_dx, need_dw)
     return dx if need_dx else None, dw if need_dw else None, None, None
 
 
@@ -386,8 +394,10 @@ def topk_route_split(x, weight, bias, k):
 
 
 def topk_route_triton(x, weight, bias, k):
-    """IO-aware routing (Alg. 1 forward, Alg. 2 backward): never writes a T x N_e tensor."""
-    return route(x, weight.contiguous(), bias.contiguous(), k)
+    """IO-aware routing (Alg. 1 forward, Alg. 2 backward): never writes a T x N_e tensor.
+    Returns (scores, index, (order, starts)), as topk_route."""
+    scores, index, order, starts = route(x, weight.contiguous(), bias.contiguous(), k)
+    return scores, index, (order, starts)
 
 
 # -----------------------------------------------------------------------------
@@ -402,6 +412,14 @@ def check_expert_args(x, idx, gates, w1, w2):
     if idx.shape != gates.shape or idx.shape[:2] != x.shape[:2]:
         raise ValueError(f"expert_ffn: idx {tuple(idx.shape)} and gates {tuple(gates.shape)} "
                          f"must both be (N, N_h, k) with N, N_h = {tuple(x.shape[:2])}")
+
+
+def check_clustering(idx, n_expert, clustering):
+    order, starts = clustering
+    if order.shape != (idx.numel(),) or starts.shape != (idx.size(1) * n_expert + 1,):
+        raise ValueError(f"expert_ffn: a clustering of order {tuple(order.shape)} and starts {tuple(starts.shape)} "
+                         f"does not fit idx {tuple(idx.shape)} and {n_expert} experts; pass "
+                         f"cluster_by_expert(idx, {n_expert}), as topk_route returns it, or none")
 
 
 def cluster_by_expert(idx, n_expert):
@@ -421,6 +439,11 @@ def cluster_by_expert(idx, n_expert):
     order = torch.argsort(group, stable=True)
     bounds = torch.arange(n_sets * n_expert + 1, device=idx.device, dtype=key)
     return order, torch.searchsorted(group[order], bounds)
+
+
+def clustering_of(idx, n_expert, like, clustering=None):
+    """The clustering given (topk_route returns one), or cluster_by_expert's, compiled where like is on a GPU."""
+    return glue(cluster_by_expert, like)(idx, n_expert) if clustering is None else clustering
 
 
 def place(y, rows, n):
@@ -485,17 +508,20 @@ EXPERT_KERNELS = ("fused", "flex", "grouped")  # expert_ffn's paths on CUDA
 FUSED_MAX_ROW_BYTES = 512  # the fused kernels keep whole sub-token rows in shared memory
 
 
-def expert_ffn(x, idx, gates, w1, w2, kernel="fused"):
+def expert_ffn(x, idx, gates, w1, w2, kernel="fused", clustering=None):
     """
     x: (N, N_h, d_h) sub-tokens; idx, gates: (N, N_h, k);
     w1, w2: (N_h, N_e, d_e, d_h). Returns (N, N_h, d_h).
     On CUDA the kernel named ("fused", "flex" or "grouped"), the plain twin elsewhere.
     Rows too wide for a kernel take the next: fused up to 512 bytes a row (d_h 256 in
-    bf16, 128 in fp32), flex up to d_h = 256, grouped beyond.
+    bf16, 128 in fp32), flex up to d_h = 256, grouped beyond. clustering: idx's
+    (order, starts) by cluster_by_expert where the caller has it, else sorted here.
     """
     check_expert_args(x, idx, gates, w1, w2)
+    if clustering is not None:
+        check_clustering(idx, w1.size(1), clustering)
     path = expert_path(x, kernel) if x.is_cuda and x.size(0) else expert_ffn_reference
-    return path(x, idx, gates, w1, w2)
+    return path(x, idx, gates, w1, w2, clustering)
 
 
 def expert_path(x, kernel):
@@ -508,12 +534,12 @@ def expert_path(x, kernel):
 
 
 @torch.compiler.disable  # eager: of the expert paths only the fused one is traced into compiled graphs
-def expert_ffn_grouped(x, idx, gates, w1, w2):
+def expert_ffn_grouped(x, idx, gates, w1, w2, clustering=None):
     """Grouped GEMM over the clustered pairs, one torch._grouped_mm pair per head (CUDA, bf16).
     The baseline of bench.py, and the path for d_h above FlexAttention's limit (MoE at width d)."""
     N, n_sets, dim = x.shape
     k, n_expert = idx.size(-1), w1.size(1)
-    order, starts = glue(cluster_by_expert, x)(idx, n_expert)
+    order, starts = clustering_of(idx, n_expert, x, clustering)
     ends = starts.diff().view(n_sets, n_expert).cumsum(-1).int()  # each head's group ends
     w1, w2 = cast_once(w1, x.dtype), cast_once(w2, x.dtype)  # bf16 under autocast
     xs = pair_rows(x.reshape(N * n_sets, dim), order, k).view(n_sets, N * k, dim)
@@ -1018,11 +1044,11 @@ def cast_once(w, dtype):
     return CastOnce.apply(weight_parameter(w), dtype).view(w.shape)
 
 
-def expert_ffn_fused(x, idx, gates, w1, w2):
+def expert_ffn_fused(x, idx, gates, w1, w2, clustering=None):
     """The fused Triton grouped GEMM over the clustered pairs (CUDA, or the interpreter)."""
     N, n_sets, dim = x.shape
     n_groups = n_sets * w1.size(1)
-    order, starts = glue(cluster_by_expert, x)(idx, w1.size(1))
+    order, starts = clustering_of(idx, w1.size(1), x, clustering)
     tiles = glue(tile_table, x)(starts, order.numel(), fused_tiles(dim, order.numel() / n_groups)[0]["BLOCK_M"])
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gates, w1, w2))
     y, _ = fused_experts(x.reshape(N * n_sets, dim).contiguous(), gates.flatten().contiguous(), w1, w2, order,
@@ -1030,11 +1056,11 @@ def expert_ffn_fused(x, idx, gates, w1, w2):
     return y.view(N, n_sets, dim)
 
 
-def expert_ffn_reference(x, idx, gates, w1, w2):
+def expert_ffn_reference(x, idx, gates, w1, w2, clustering=None):
     # a per-expert loop over the clustered pairs: dropless, every pair computed
     N, n_sets, dim = x.shape
     k = idx.size(-1)
-    order, starts = cluster_by_expert(idx, w1.size(1))
+    order, starts = clustering_of(idx, w1.size(1), x, clustering)
     rows = order // k                                   # pair -> row of x.view(N * N_h, d_h)
     xs = x.reshape(N * n_sets, dim)[rows]               # autograd's own gather: the oracle shares no code
     w1g, w2g = w1.flatten(0, 1), w2.flatten(0, 1)       # (N_h * N_e, d_e, d_h)
@@ -1117,12 +1143,12 @@ def glue(fn, like):
 
 
 @torch.compiler.disable  # eager, as expert_ffn_grouped
-def expert_ffn_flex(x, idx, gates, w1, w2):
+def expert_ffn_flex(x, idx, gates, w1, w2, clustering=None):
     """IO-aware expert computation (Sec. 3.4): FlexAttention over all experts of all heads.
-    The clustering runs eagerly; the attention passes and their epilogue are compiled
-    together on CUDA (eager on the CPU, where FlexAttention has a forward only)."""
+    The attention passes and their epilogue are compiled together on CUDA (eager on the
+    CPU, where FlexAttention has a forward only)."""
     N, n_heads, dim = x.shape
-    order, _ = cluster_by_expert(idx, w1.size(1))
+    order, _ = clustering_of(idx, w1.size(1), x, clustering)
     order = order.view(n_heads, -1)                     # head-major: head h owns rows h*N*k ...
     # gathered outside the compiled region: inductor cannot lower FlexAttention on a
     # query computed in the same graph at lengths off its block size

@@ -240,21 +240,20 @@ class RoutedExperts(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type)  # though MoE's come from RMSNorm in fp32
             x, x_route = x.to(dtype), x_route.to(dtype)
         with torch.autocast(x.device.type, enabled=False):  # router math in fp32 (Sec. 2.2), exact products
-            scores, idx = kernels.topk_route(x_route, self.router, self.route_bias, self.topk)
+            scores, idx, clustering = kernels.topk_route(x_route, self.router, self.route_bias, self.topk)
             gates = torch.softmax(scores, dim=-1)  # Eq. 2-3: softmax over the k unbiased scores
         if self.training:
-            self.count_load(idx)
-        ffn = kernels.expert_ffn if self.expert_parallel is None else self.expert_parallel
-        return ffn(x, idx, gates.to(x.dtype), self.w1, self.w2, kernel=self.kernel)
+            self.count_load(clustering[1])
+        if self.expert_parallel is not None:  # the experts cluster the pairs they receive
+            return self.expert_parallel(x, idx, gates.to(x.dtype), self.w1, self.w2, kernel=self.kernel)
+        return kernels.expert_ffn(x, idx, gates.to(x.dtype), self.w1, self.w2, self.kernel, clustering)
 
     @torch.no_grad()
-    def count_load(self, idx):
-        # idx: (N, N_h, k) -> per-head histogram of chosen experts, added to self.load. Ones
-        # added at their indices (exact: whole numbers); bincount would read its largest
-        # index back to the host, a device sync in every MoE layer of every micro-batch
-        offsets = torch.arange(idx.size(1), device=idx.device).view(1, -1, 1) * self.n_expert
-        flat = (idx + offsets).flatten()
-        self.load.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=self.load.dtype))
+    def count_load(self, starts):
+        # starts: the group bounds of the routing's clustering (cluster_by_expert), so that
+        # group h N_e + e's size is head h's count of expert e, added to self.load: no pass
+        # over the picks, and no bincount, which reads its largest index back to the host
+        self.load += starts.diff().view_as(self.load)
 
     @torch.no_grad()
     def update_bias(self, rate):

@@ -115,9 +115,9 @@ def test_bias_changes_selection_but_not_gate_values():
     torch.manual_seed(0)
     x, w = torch.randn(29, 2, 16), torch.randn(2, 16, 9)
     bias = torch.zeros(2, 9)
-    _, idx0 = kernels.topk_route(x, w, bias, 2)
+    _, idx0, _ = kernels.topk_route(x, w, bias, 2)
     bias[:, 4] = 100.0  # expert 4 must now be chosen first by every token of both heads
-    scores, idx = kernels.topk_route(x, w, bias, 2)
+    scores, idx, _ = kernels.topk_route(x, w, bias, 2)
     assert (idx[..., 0] == 4).all() and not torch.equal(idx, idx0)
     unbiased = torch.einsum("nhd,hde->nhe", x.double(), w.double()).gather(-1, idx)
     torch.testing.assert_close(scores.double(), unbiased, rtol=1e-6, atol=1e-6)
@@ -147,8 +147,8 @@ def test_load_balancing_bias_moves_toward_balance():
 def test_load_counts_every_heads_picks_per_expert():
     experts = RoutedExperts(3, 16, 7, 8, 2)
     idx = torch.randint(0, 7, (41, 3, 2), generator=torch.Generator().manual_seed(0))
-    experts.count_load(idx)
-    experts.count_load(idx[:5])  # counts add up over micro-batches until update_bias
+    experts.count_load(kernels.cluster_by_expert(idx, 7)[1])
+    experts.count_load(kernels.cluster_by_expert(idx[:5], 7)[1])  # counts add up over micro-batches until update_bias
     for h in range(3):
         want = torch.bincount(idx[:, h].flatten(), minlength=7) + torch.bincount(idx[:5, h].flatten(), minlength=7)
         assert torch.equal(experts.load[h], want.float())
@@ -582,7 +582,7 @@ def assert_same_experts_up_to_ties(idx, x, w, b, k):
 def test_triton_router_matches_fp64_in_experts_scores_and_gradients(k):
     x, w, b = route_inputs(37, 2, 32, 100, seed=k)
     x.requires_grad_(True), w.requires_grad_(True)
-    scores, idx = kernels.topk_route_triton(x, w, b, k)
+    scores, idx, _ = kernels.topk_route_triton(x, w, b, k)
     assert_same_experts_up_to_ties(idx, x, w, b, k)
     # scores: the unbiased x W_r at the chosen experts, ordered by biased score
     want = torch.einsum("nhd,hde->nhe", x.double(), w.double()).gather(-1, idx)
@@ -636,7 +636,7 @@ def test_triton_router_gradient_of_a_hot_expert_matches_fp64_in_chunks(monkeypat
     x, w, b = route_inputs(300, 2, 32, 20, seed=5)
     b[:, :3] += 100.0
     w.requires_grad_(True)
-    scores, idx = kernels.topk_route_triton(x, w, b, 3)
+    scores, idx, _ = kernels.topk_route_triton(x, w, b, 3)
     assert (idx.sort(-1).values == torch.arange(3, device=DEV)).all()
     dw = router_weight_gradient_against_fp64(scores, idx, x, w)
     assert (dw[..., 3:] == 0).all()  # experts no token chose
@@ -646,7 +646,7 @@ def test_triton_router_gradient_of_a_hot_expert_matches_fp64_in_chunks(monkeypat
 def test_triton_router_at_every_head_width(dim):
     x, w, b = route_inputs(37, 2, dim, 100, seed=dim)
     w.requires_grad_(True)
-    scores, idx = kernels.topk_route_triton(x, w, b, 4)
+    scores, idx, _ = kernels.topk_route_triton(x, w, b, 4)
     assert_same_experts_up_to_ties(idx, x, w, b, 4)
     want = torch.einsum("nhd,hde->nhe", x.double(), w.double()).gather(-1, idx)
     torch.testing.assert_close(scores.double(), want, rtol=1e-5, atol=1e-5)
@@ -660,7 +660,7 @@ def test_triton_router_takes_batched_non_contiguous_bf16_inputs(dim, k):
     wide = torch.cat([x, x], dim=-1).to(torch.bfloat16)   # (2, 21, 4, 2 dim)
     x = wide[..., dim:]                                    # a non-contiguous view
     assert not x.is_contiguous()
-    scores, idx = kernels.topk_route_triton(x, w, b, k)
+    scores, idx, _ = kernels.topk_route_triton(x, w, b, k)
     assert scores.shape == idx.shape == (2, 21, 4, k)
     assert_same_experts_up_to_ties(idx, x.float(), w, b, k)
     want = torch.einsum("...hd,hde->...he", x.double(), w.double()).gather(-1, idx)
@@ -680,7 +680,7 @@ def test_triton_router_never_selects_padding_experts():
     # every real score is negative, so padding columns (score 0) would win if not masked
     x, w, b = route_inputs(9, 1, 32, 70, seed=2)
     x, w = x.abs(), -w.abs()
-    _, idx = kernels.topk_route_triton(x, w, b * 0, 8)
+    _, idx, _ = kernels.topk_route_triton(x, w, b * 0, 8)
     assert (idx < 70).all()
     assert_same_experts_up_to_ties(idx, x, w, b * 0, 8)
 
@@ -691,9 +691,9 @@ def test_triton_router_picks_experts_in_range_for_a_nan_sub_token():
     x, w, b = route_inputs(9, 2, 32, 70, seed=4)
     bad = x.clone()
     bad[3, 1] = float("nan")
-    scores, idx = kernels.topk_route_triton(bad, w, b, 4)
+    scores, idx, _ = kernels.topk_route_triton(bad, w, b, 4)
     assert ((idx >= 0) & (idx < 70)).all()
-    want_scores, want_idx = kernels.topk_route_triton(x, w, b, 4)
+    want_scores, want_idx, _ = kernels.topk_route_triton(x, w, b, 4)
     keep = torch.ones(9, 2, dtype=torch.bool, device=DEV)
     keep[3, 1] = False
     assert torch.equal(idx[keep], want_idx[keep]) and torch.equal(scores[keep], want_scores[keep])
@@ -707,7 +707,7 @@ def test_triton_router_breaks_exact_ties_toward_the_lower_index():
     w[..., 40] += 100.0
     for e in (77, 12, 60):  # four equal, dominant experts
         w[..., e] = w[..., 40]
-    _, idx = kernels.topk_route_triton(x.to(DEV), w.to(DEV), torch.zeros(1, 90, device=DEV), 3)
+    _, idx, _ = kernels.topk_route_triton(x.to(DEV), w.to(DEV), torch.zeros(1, 90, device=DEV), 3)
     assert (idx == torch.tensor([12, 40, 60], device=DEV)).all()
 
 
@@ -927,6 +927,38 @@ def test_routed_block_compiles_whole_around_its_custom_ops(monkeypatch):
     # requires_grad (an alias, as a compiler could pass) is refused, where its .grad would be lost
     with pytest.raises(RuntimeError, match="without requires_grad"):
         kernels.gradient_buffers((block.w1.detach(),))
+
+
+@pytest.mark.parametrize("paths", ["twins", "triton"])
+def test_a_routed_layer_sorts_its_pairs_once_for_the_router_the_experts_and_the_load(paths, monkeypatch):
+    # topk_route returns its picks' clustering (the Triton router's op makes it for its own
+    # weight gradient), and the experts and the load counts take it: one sort a layer, forward
+    # and backward, where the router's backward, the experts and the counts each did their own
+    # (the twins on the CPU in fp64; the CUDA paths on the GPU, or interpreted on the CPU)
+    device, dtype = ("cpu", torch.float64) if paths == "twins" else (DEV, torch.float32)
+    if paths == "triton" and DEV == "cpu":
+        take_triton_paths(monkeypatch.setattr)
+    sorts, sort = [], kernels.cluster_by_expert
+    monkeypatch.setattr(kernels, "cluster_by_expert", lambda idx, n: sorts.append(tuple(idx.shape)) or sort(idx, n))
+    monkeypatch.setattr(kernels, "glue", lambda fn, like: fn)  # every call seen, none compiled
+    block = RoutedExperts(2, 16, 6, 40, 3).to(device, dtype)
+    x = torch.randn(37, 2, 16, device=device, dtype=dtype, requires_grad=True)
+    block(x).sum().backward()
+    assert sorts == [(37, 2, 3)]
+    assert block.load.sum() == 37 * 2 * 3 and block.router.grad.abs().sum() > 0
+
+
+def test_expert_ffn_rejects_inputs_that_do_not_fit_its_weights():
+    x, idx, gates, w1, w2 = expert_inputs(5, 2, 16, 6, 8, 3)
+    with pytest.raises(ValueError, match=r"w2 has shape \(2, 6, 8, 15\), expected w1's"):
+        kernels.expert_ffn(x, idx, gates, w1, w2[..., 1:])
+    with pytest.raises(ValueError, match=r"x has shape \(5, 2, 15\), expected \(N, 2, 16\)"):
+        kernels.expert_ffn(x[..., 1:], idx, gates, w1, w2)
+    with pytest.raises(ValueError, match=r"idx \(5, 2, 3\) and gates \(5, 2, 2\) must both be"):
+        kernels.expert_ffn(x, idx, gates[..., 1:], w1, w2)
+    with pytest.raises(ValueError, match=r"order \(12,\) and starts \(13,\) does not fit idx \(5, 2, 3\) and 6 "
+                                         r"experts; pass cluster_by_expert\(idx, 6\)"):
+        kernels.expert_ffn(x, idx, gates, w1, w2, clustering=kernels.cluster_by_expert(idx[:2], 6))
 
 
 @pytest.mark.parametrize("rows,chunk,dtype", [(37, 8, torch.float32), (16, 16, torch.float32),
@@ -1496,7 +1528,7 @@ def test_router_scores_stay_fp32_under_autocast(monkeypatch):
     def spy(x, weight, bias, k):
         scores, idx = kernels.topk_route_reference(x, weight, bias, k)
         seen.append((x, weight, scores))
-        return scores, idx
+        return scores, idx, kernels.cluster_by_expert(idx, weight.size(-1))
 
     monkeypatch.setattr(kernels, "topk_route", spy)
     block = MultiHeadLatentMoE(small_config(ffn="mh_latent_moe"))
@@ -1512,9 +1544,9 @@ def test_experts_compute_in_the_autocast_dtype_with_the_configured_kernel(monkey
     # MoE's input comes from RMSNorm in fp32 under autocast; its experts must still run in bf16
     seen = []
 
-    def spy(x, idx, gates, w1, w2, kernel):
+    def spy(x, idx, gates, w1, w2, kernel, clustering):
         seen.append((x.dtype, kernel))
-        return kernels.expert_ffn_reference(x, idx, gates, w1, w2)
+        return kernels.expert_ffn_reference(x, idx, gates, w1, w2, clustering)
 
     monkeypatch.setattr(kernels, "expert_ffn", spy)
     block = MoE(small_config(ffn="moe", expert_kernel="grouped"))
