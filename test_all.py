@@ -1477,8 +1477,18 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(corpus, tmp_path, monke
         train.main(run_args(corpus, out, max_steps=10, ckpt_interval=1, keep_last_n=10, max_bad_steps=2))
     skipped = [json.loads(line)["skipped"] for line in open(os.path.join(out, "log.jsonl")) if "skipped" in line]
     assert skipped == [False, False, True, False, True, True]
-    four, five = (train.read_model(os.path.join(out, f"ckpt_{s:08d}"))[1] for s in (4, 5))
-    assert all(torch.equal(four[k], five[k]) for k in four)  # untouched by step 5
+    # step 5's update was skipped: its checkpoint holds the weights, router biases and AdamW
+    # state (step counts too) of step 4's
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    four, five = [], []
+    for s, state in ((4, four), (5, five)):
+        dcp_to_torch_save(os.path.join(out, f"ckpt_{s:08d}"), os.path.join(out, f"{s}.pt"))
+        saved = torch.load(os.path.join(out, f"{s}.pt"), weights_only=True)
+        state += [saved["model"]] + list(saved["optimizer"].values())
+    assert len(four) == len(five) > 10 and any("route_bias" in k for k in four[0])
+    for a, b in zip(four, five):
+        assert a.keys() == b.keys()
+        assert [k for k in a if not torch.equal(a[k], b[k])] == []
     assert not os.path.exists(os.path.join(out, "ckpt_00000006"))
 
 
