@@ -339,16 +339,20 @@ def merged(intervals):
 COLLECTIVES = ("all-to-all", "all-reduce")
 
 
-def device_timeline(events):
+def device_kernels(events):
+    """The kernels among profiled events (the host's own events left out)."""
+    return [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def device_timeline(gpu_events):
     """
-    Of profiled events: (ms in which any kernel ran, ms in which any kernel but a collective
-    ran, ms in which an all-to-all ran beside another kernel). A collective's kernel runs
-    from its launch until its peers reach it, so a rank waiting for another is busy by the
-    first count and idle by the second.
+    Of profiled kernels: (ms in which any ran, ms in which any but a collective ran, ms in
+    which an all-to-all ran beside another kernel). A collective's kernel runs from its
+    launch until its peers reach it, so a rank waiting for another is busy by the first
+    count and idle by the second.
     """
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    spans = [(e.time_range.start, e.time_range.end) for e in kernels]
-    parts = [kernel_part(e.name) for e in kernels]
+    spans = [(e.time_range.start, e.time_range.end) for e in gpu_events]
+    parts = [kernel_part(e.name) for e in gpu_events]
     exchange = merged(s for s, part in zip(spans, parts) if part == "all-to-all")
     compute = merged(s for s, part in zip(spans, parts) if part != "all-to-all")
     work = merged(s for s, part in zip(spans, parts) if part not in COLLECTIVES)
@@ -366,16 +370,15 @@ def device_timeline(events):
 IDLE_GAP_CLASSES = ((0.05, "under 50 us"), (1.0, "50 us to 1 ms"), (float("inf"), "1 ms or more"))
 
 
-def idle_gaps(events, n=5):
+def idle_gaps(gpu_events, n=5):
     """
-    Where the device idles (no kernel running) in profiled events: {class: ms} of the gaps
-    by length (IDLE_GAP_CLASSES), and the n longest as (ms, the kernel before, the kernel
-    after). Short gaps are launch latencies between kernels; long ones, the host behind.
+    Where the device idles (no kernel running) among profiled kernels: {class: ms} of the
+    gaps by length (IDLE_GAP_CLASSES), and the n longest as (ms, the kernel before, the
+    kernel after). Short gaps are launch latencies between kernels; long ones, the host behind.
     """
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    ending = {e.time_range.end: e.name for e in kernels}      # a busy span ends with the kernel ending last
-    starting = {e.time_range.start: e.name for e in kernels}
-    spans = merged((e.time_range.start, e.time_range.end) for e in kernels)
+    ending = {e.time_range.end: e.name for e in gpu_events}      # a busy span ends with the kernel ending last
+    starting = {e.time_range.start: e.name for e in gpu_events}
+    spans = merged((e.time_range.start, e.time_range.end) for e in gpu_events)
     gaps = [((b[0] - a[1]) / 1e3, ending[a[1]], starting[b[0]]) for a, b in zip(spans, spans[1:])]
     by_class = {label: 0.0 for _, label in IDLE_GAP_CLASSES}
     for ms, *_ in gaps:
@@ -455,14 +458,15 @@ def bench_e2e(argv):
         kernel_times = {e.key: e.self_device_time_total / 1e3 for e in prof.key_averages()
                         if e.device_type == torch.autograd.DeviceType.CUDA}
         row.update({f"{part} ms": v for part, v in step_split(kernel_times).items()})
-        busy, working, beside = device_timeline(prof.events())
+        gpu_events = device_kernels(prof.events())
+        busy, working, beside = device_timeline(gpu_events)
         row["device idle %"] = 100 * max(0.0, 1 - busy / ms)  # the step minus the time any kernel ran
         row["no compute %"] = 100 * max(0.0, 1 - working / ms)  # idle, or waiting inside a collective
         row["exchange beside compute ms"] = beside
         print("longest kernels of the profiled step (ms), by part:")
         for name, v in sorted(kernel_times.items(), key=lambda kv: -kv[1])[:30]:
             print(f"  {v:9.2f}  {kernel_part(name):10s}  {name[:110]}")
-        by_class, longest = idle_gaps(prof.events())
+        by_class, longest = idle_gaps(gpu_events)
         print("device idle in the profiled step: " + ", ".join(f"{ms:.1f} ms in gaps {label}"
                                                                 for label, ms in by_class.items()) + "; the longest:")
         for ms, before, after in longest:

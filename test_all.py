@@ -1613,7 +1613,7 @@ def test_idle_gaps_are_classed_by_length_and_named_by_the_kernels_around_them():
     # microseconds: gaps of 20 (a-b), 300 (b-d: c ran inside b) and 2,000 (d-e); the host's event is no kernel
     events = [kernel("a", 0, 100), kernel("b", 120, 200), kernel("c", 150, 160), kernel("d", 500, 600),
               event(torch.autograd.DeviceType.CPU, "host", 600, 2600), kernel("e", 2600, 2700)]
-    by_class, longest = bench.idle_gaps(events, n=2)
+    by_class, longest = bench.idle_gaps(bench.device_kernels(events), n=2)
     assert by_class == pytest.approx({"under 50 us": 0.02, "50 us to 1 ms": 0.3, "1 ms or more": 2.0})
     assert longest == [(pytest.approx(2.0), "d", "e"), (pytest.approx(0.3), "b", "d")]
 
