@@ -461,8 +461,11 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(corpus, tmp_path, de
     assert losses(straight) == losses(resumed)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "bit_flip", "no_integrity", "unsealed"])
-def test_damaged_checkpoint_falls_back_to_the_previous_one(corpus, tmp_path, capsys, damage):
+@pytest.mark.parametrize("damage,reason", [("truncated", "size or checksum differs"),
+                                           ("bit_flip", "size or checksum differs"),
+                                           ("missing", ".distcp is missing"),
+                                           ("no_integrity", "integrity.json"), ("unsealed", None)])
+def test_damaged_checkpoint_falls_back_to_the_previous_one(corpus, tmp_path, capsys, damage, reason):
     out = str(tmp_path)
     train.main(run_args(corpus, out, ckpt_interval=3, keep_last_n=5))
     newest = os.path.join(out, "ckpt_00000006")
@@ -476,14 +479,17 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(corpus, tmp_path, cap
             byte = f.read(1)
             f.seek(-1, 1)
             f.write(bytes([byte[0] ^ 0x10]))
+    elif damage == "missing":
+        os.remove(data)
     elif damage == "no_integrity":
         os.remove(os.path.join(newest, "integrity.json"))
     else:  # as if the run died before the write was complete: it was never renamed
         os.rename(newest, newest + ".tmp")
     path, state = train.find_checkpoint("auto", out, torch.device("cpu"))
     assert path.endswith("ckpt_00000003") and state["step"] == 3
-    if damage != "unsealed":
-        assert "ckpt_00000006 cannot be used" in capsys.readouterr().out
+    if reason is not None:  # the checkpoint and what is wrong with it are named
+        printed = capsys.readouterr().out
+        assert "ckpt_00000006 cannot be used" in printed and reason in printed
 
 
 def test_only_the_last_n_checkpoints_are_kept(corpus, tmp_path):
@@ -1662,6 +1668,27 @@ def test_generation_with_and_without_the_kv_cache_gives_the_same_tokens():
         assert all((m.load == 0).all() for m in model.routed_experts())  # generation counts no load
         longer = model.generate(prompt, 40, temperature=0.8, top_k=5)    # past the context: the cache restarts
         assert longer.shape == (2, 47)
+
+
+def test_a_sequence_past_the_context_is_refused():
+    model = GPT(small_config())
+    with pytest.raises(ValueError, match="sequence length 33 exceeds block_size=32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_a_model_is_not_loaded_from_a_directory_without_checkpoints(tmp_path):
+    with pytest.raises(SystemExit, match="holds no complete checkpoint"):
+        train.load_model(str(tmp_path))
+
+
+def test_the_fused_experts_refuse_weights_whose_gradient_they_could_not_add_to_grad():
+    # the fused path adds dW straight to .grad of the parameter: a part of one, or a computed
+    # tensor, has no .grad of its own that the optimizer would see
+    x, idx, gates, w1, w2 = expert_inputs(5, 2, 16, 6, 8, 3)
+    w1, w2 = w1.requires_grad_(), w2.requires_grad_()
+    for bad in (w1[:, :, :4], w1 * 2):
+        with pytest.raises(ValueError, match="must be leaf tensors \\(parameters\\) or views of whole ones"):
+            kernels.expert_ffn_fused(x, idx, gates, bad, w2[:, :, :bad.size(2)])
 
 
 def test_a_trained_models_greedy_continuation_is_deterministic(corpus, tmp_path):
