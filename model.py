@@ -452,7 +452,8 @@ class GPT(nn.Module):
         B, T = idx.size()
         end = T + (cache.length if cache is not None else 0)
         if end > self.config.block_size:
-            raise ValueError(f"sequence length {end} exceeds block_size={self.config.block_size}")
+            raise ValueError(f"sequence length {end} exceeds block_size={self.config.block_size}: keep the last "
+                             f"{self.config.block_size} tokens (generate does), or train with a larger --block_size")
         x = self.wte(idx)
         for block in self.blocks:
             x = block(x, self.rope_cos, self.rope_sin, cache)

@@ -1672,7 +1672,7 @@ def test_generation_with_and_without_the_kv_cache_gives_the_same_tokens():
 
 def test_a_sequence_past_the_context_is_refused():
     model = GPT(small_config())
-    with pytest.raises(ValueError, match="sequence length 33 exceeds block_size=32"):
+    with pytest.raises(ValueError, match="sequence length 33 exceeds block_size=32: keep the last 32 tokens"):
         model(torch.zeros(1, 33, dtype=torch.long))
 
 
