@@ -403,7 +403,7 @@ def topk_route_triton(x, weight, bias, k):
 # -----------------------------------------------------------------------------
 # Expert computation (Eq. 1, Sec. 3.4)
 
-def check_expert_args(x, idx, gates, w1, w2):
+def check_expert_args(x, idx, gates, w1, w2, clustering=None):
     n_sets, n_expert, expert_dim, dim = w1.shape
     if w2.shape != w1.shape:
         raise ValueError(f"expert_ffn: w2 has shape {tuple(w2.shape)}, expected w1's {tuple(w1.shape)}")
@@ -412,9 +412,8 @@ def check_expert_args(x, idx, gates, w1, w2):
     if idx.shape != gates.shape or idx.shape[:2] != x.shape[:2]:
         raise ValueError(f"expert_ffn: idx {tuple(idx.shape)} and gates {tuple(gates.shape)} "
                          f"must both be (N, N_h, k) with N, N_h = {tuple(x.shape[:2])}")
-
-
-def check_clustering(idx, n_expert, clustering):
+    if clustering is None:
+        return
     order, starts = clustering
     if order.shape != (idx.numel(),) or starts.shape != (idx.size(1) * n_expert + 1,):
         raise ValueError(f"expert_ffn: a clustering of order {tuple(order.shape)} and starts {tuple(starts.shape)} "
@@ -517,9 +516,7 @@ def expert_ffn(x, idx, gates, w1, w2, kernel="fused", clustering=None):
     bf16, 128 in fp32), flex up to d_h = 256, grouped beyond. clustering: idx's
     (order, starts) by cluster_by_expert where the caller has it, else sorted here.
     """
-    check_expert_args(x, idx, gates, w1, w2)
-    if clustering is not None:
-        check_clustering(idx, w1.size(1), clustering)
+    check_expert_args(x, idx, gates, w1, w2, clustering)
     path = expert_path(x, kernel) if x.is_cuda and x.size(0) else expert_ffn_reference
     return path(x, idx, gates, w1, w2, clustering)
 

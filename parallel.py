@@ -150,10 +150,11 @@ def grad_norm(params):
 @torch.no_grad()
 def global_loads(model):
     """
-    Aux-loss-free, global load balancing (Wang et al. 2024a; Qiu et al. 2025) moves each
-    router's bias by the expert counts of the whole global batch (all micro-batches, all
-    ranks): sums them in place. Returns each MoE layer's max/mean load, for the log, on
-    the device, so that the trainer reads it with the step's loss, in one wait.
+    Sums each router's expert counts in place over the whole global batch (all micro-batches,
+    all ranks), the counts aux-loss-free, global load balancing (Wang et al. 2024a; Qiu et
+    al. 2025) moves the biases by (update_router_biases). Returns each MoE layer's max/mean
+    load, for the log, on the device, so that the trainer reads it with the step's loss, in
+    one wait.
     """
     stats = []
     for experts in model.routed_experts():
