@@ -452,7 +452,8 @@ def bench_e2e(argv):
            "global batch": a["batch_tokens"], "micro-batch": a["batch_size"], "step ms": ms, "tokens/s": tps,
            "MFU %": 100 * flops * tps / (world * a["peak_tflops"] * 1e12) if gpu else "-",
            "peak GiB": steps[-1]["peak_gib"] or "-",
-           "load max/mean": max(steps[timed_end - 1]["load_max_over_mean"], default="-"),  # worst layer
+           # the worst layer's, in the last step: the profiled one on a GPU, whose columns follow
+           "load max/mean": max(steps[-1]["load_max_over_mean"], default="-"),
            "command": "python bench.py e2e " + " ".join(argv)}
     if prof is not None:
         kernel_times = {e.key: e.self_device_time_total / 1e3 for e in prof.key_averages()
