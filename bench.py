@@ -346,10 +346,10 @@ def device_kernels(events):
 
 def device_timeline(gpu_events):
     """
-    Of profiled kernels: (ms in which any ran, ms in which any but a collective ran, ms in
-    which an all-to-all ran beside another kernel). A collective's kernel runs from its
-    launch until its peers reach it, so a rank waiting for another is busy by the first
-    count and idle by the second.
+    Of profiled kernels: (ms from the first one's start to the last one's end, ms in which
+    any ran, ms in which any but a collective ran, ms in which an all-to-all ran beside
+    another kernel). A collective's kernel runs from its launch until its peers reach it,
+    so a rank waiting for another is busy by the second count and idle by the third.
     """
     spans = [(e.time_range.start, e.time_range.end) for e in gpu_events]
     parts = [kernel_part(e.name) for e in gpu_events]
@@ -364,7 +364,8 @@ def device_timeline(gpu_events):
         while j < len(compute) and compute[j][0] < end:
             beside += min(end, compute[j][1]) - max(start, compute[j][0])
             j += 1
-    return sum(e - s for s, e in merged(spans)) / 1e3, sum(e - s for s, e in work) / 1e3, beside / 1e3
+    span = max(e for _, e in spans) - min(s for s, _ in spans)
+    return span / 1e3, sum(e - s for s, e in merged(spans)) / 1e3, sum(e - s for s, e in work) / 1e3, beside / 1e3
 
 
 IDLE_GAP_CLASSES = ((0.05, "under 50 us"), (1.0, "50 us to 1 ms"), (float("inf"), "1 ms or more"))
@@ -460,9 +461,10 @@ def bench_e2e(argv):
                         if e.device_type == torch.autograd.DeviceType.CUDA}
         row.update({f"{part} ms": v for part, v in step_split(kernel_times).items()})
         gpu_events = device_kernels(prof.events())
-        busy, working, beside = device_timeline(gpu_events)
-        row["device idle %"] = 100 * max(0.0, 1 - busy / ms)  # the step minus the time any kernel ran
-        row["no compute %"] = 100 * max(0.0, 1 - working / ms)  # idle, or waiting inside a collective
+        # shares of the profiled step's own span: the timed steps' median is another batch's step
+        span, busy, working, beside = device_timeline(gpu_events)
+        row["device idle %"] = 100 * (1 - busy / span)  # no kernel ran
+        row["no compute %"] = 100 * (1 - working / span)  # idle, or waiting inside a collective
         row["exchange beside compute ms"] = beside
         print("longest kernels of the profiled step (ms), by part:")
         for name, v in sorted(kernel_times.items(), key=lambda kv: -kv[1])[:30]:

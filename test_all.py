@@ -1607,7 +1607,7 @@ def test_device_timeline_measures_busy_time_and_exchange_beside_compute():
     events = [kernel("ncclDevKernel_SendRecv", 0, 100), kernel("gemm_a", 50, 150), kernel("gemm_b", 120, 130),
               kernel("ncclDevKernel_SendRecv", 140, 200), kernel("elementwise", 300, 310),
               kernel("ncclDevKernel_AllReduce_Sum_f32", 400, 420)]
-    assert bench.device_timeline(events) == pytest.approx((0.23, 0.11, 0.06))
+    assert bench.device_timeline(events) == pytest.approx((0.42, 0.23, 0.11, 0.06))
 
 
 def test_idle_gaps_are_classed_by_length_and_named_by_the_kernels_around_them():
