@@ -353,6 +353,7 @@ def device_timeline(gpu_events):
     """
     spans = [(e.time_range.start, e.time_range.end) for e in gpu_events]
     parts = [kernel_part(e.name) for e in gpu_events]
+    busy = merged(spans)
     exchange = merged(s for s, part in zip(spans, parts) if part == "all-to-all")
     compute = merged(s for s, part in zip(spans, parts) if part != "all-to-all")
     work = merged(s for s, part in zip(spans, parts) if part not in COLLECTIVES)
@@ -364,8 +365,8 @@ def device_timeline(gpu_events):
         while j < len(compute) and compute[j][0] < end:
             beside += min(end, compute[j][1]) - max(start, compute[j][0])
             j += 1
-    span = max(e for _, e in spans) - min(s for s, _ in spans)
-    return span / 1e3, sum(e - s for s, e in merged(spans)) / 1e3, sum(e - s for s, e in work) / 1e3, beside / 1e3
+    span = busy[-1][1] - busy[0][0]
+    return span / 1e3, sum(e - s for s, e in busy) / 1e3, sum(e - s for s, e in work) / 1e3, beside / 1e3
 
 
 IDLE_GAP_CLASSES = ((0.05, "under 50 us"), (1.0, "50 us to 1 ms"), (float("inf"), "1 ms or more"))

@@ -51,7 +51,7 @@ def topk_route(x, weight, bias, k):
         return topk_route_triton(x, weight, bias, k)
     route_dense = topk_route_split if x.is_cuda and x.dtype == torch.bfloat16 else topk_route_reference
     scores, idx = route_dense(x, weight, bias, k)
-    return scores, idx, glue(cluster_by_expert, x)(idx.reshape(-1, *idx.shape[-2:]), weight.size(-1))
+    return scores, idx, clustering_of(idx.reshape(-1, *idx.shape[-2:]), weight.size(-1), x)
 
 
 def topk_route_reference(x, weight, bias, k):
@@ -290,7 +290,7 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         *x3.stride(), *weight.stride(), parts.stride(0), wt.stride(0), wt.stride(1), bias.stride(0),
         D=dim, BLOCK_D=triton.next_power_of_2(dim), K=k, KP=max(triton.next_power_of_2(k), 2),
         SPLIT=split, **config)
-    order, starts = glue(cluster_by_expert, x3)(index, n_expert)
+    order, starts = clustering_of(index, n_expert, x3)
     out_shape = (*x.shape[:-1], k)
     return scores.view(out_shape), index.view(out_shape), order, starts
 
