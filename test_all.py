@@ -798,13 +798,14 @@ def test_fused_triton_experts_match_fp64_in_output_and_gradients(routing, n_expe
     got.backward(g.to(dtype))
     for a, b in [(got, want)] + [(a.grad, b.grad) for a, b in zip(got_in, want_in) if b.grad is not None]:
         assert torch.linalg.norm(a.double() - b) / torch.linalg.norm(b) < tol
-    with torch.no_grad():  # no backward to come: the forward keeps no pre-activations, same output
+    with torch.no_grad():  # no backward to come: the forward keeps nothing, same output
         assert torch.equal(kernels.expert_ffn_fused(*got_in), got)
 
 
 def test_fused_backward_fills_no_gradient_for_the_kept_pre_activations():
-    # pre (P x d_e, the largest tensor of the layer) is an output of the op that no one
-    # differentiates; autograd would fill a zero gradient for it in every backward
+    # kept (the pre-activations and gated hidden units, 2 x P x d_e, the largest tensor of the
+    # layer) is an output of the op that no one differentiates; autograd would fill a zero
+    # gradient for it in every backward
     from torch.utils._python_dispatch import TorchDispatchMode
     x, idx, gates, w1, w2 = [t.requires_grad_() if t.is_floating_point() else t
                              for t in expert_inputs(37, 2, 16, 5, 24, 3)]
@@ -820,7 +821,7 @@ def test_fused_backward_fills_no_gradient_for_the_kept_pre_activations():
 
     with Fills():
         y.backward(torch.randn_like(y))
-    assert (37 * 2 * 3, 24) not in filled and x.grad is not None
+    assert (2, 37 * 2 * 3, 24) not in filled and x.grad is not None
 
 
 @pytest.mark.parametrize("n_heads,n_expert", [(3, 5), (3, 11_000)])  # int16 keys; int32 past 32,766 groups
