@@ -10,6 +10,7 @@ and the language model's loss, whose softmax over the vocabulary is a hot spot t
 """
 
 import functools
+import hashlib
 from typing import NamedTuple
 
 import torch
@@ -17,6 +18,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.optim.optimizer import register_optimizer_step_post_hook
+
+# torch.compile's caches key a compiled graph on its traced code, where this file's custom ops
+# are opaque calls: a graph compiled before the file changed (an op's kernels, or the shapes its
+# fake returns) would be served after it, and compute the old way or fail (torch 2.11: a cached
+# graph asserted the old shape of the fused experts' kept tensor). The file's hash in every
+# cache key keeps them apart.
+with open(__file__, "rb") as source:
+    torch.compiler.config.cache_key_tag += f" nano-kernels-{hashlib.sha256(source.read()).hexdigest()[:16]}"
 
 
 # -----------------------------------------------------------------------------

@@ -824,6 +824,21 @@ def test_fused_backward_fills_no_gradient_for_the_kept_pre_activations():
     assert (2, 37 * 2 * 3, 24) not in filled and x.grad is not None
 
 
+def test_compiled_graph_caches_are_keyed_on_the_kernels_source(tmp_path):
+    # compiled graphs call the custom ops of kernels.py opaquely, so a cache entry made before the
+    # file changed must not be served after it: the caches' key tag follows the file, the same in
+    # another process (the caches still hit) and another once one byte of the file changes
+    shutil.copy(os.path.join(HERE, "kernels.py"), tmp_path)
+    with open(tmp_path / "kernels.py", "a") as f:
+        f.write("\n")
+
+    def tag(directory):
+        code = "import kernels, torch; print(torch.compiler.config.cache_key_tag)"
+        return subprocess.run([sys.executable, "-c", code], cwd=directory, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    assert tag(HERE) == torch.compiler.config.cache_key_tag.strip() != tag(tmp_path)
+
+
 @pytest.mark.parametrize("n_heads,n_expert", [(3, 5), (3, 11_000)])  # int16 keys; int32 past 32,766 groups
 def test_cluster_by_expert_sorts_the_pairs_stably_by_head_then_expert(n_heads, n_expert):
     # oracle: Python's stable sort of the flat (token, head, slot) pairs by (head, expert), and
