@@ -21,9 +21,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 # torch.compile's caches key a compiled graph on its traced code, where this file's custom ops
 # are opaque calls: a graph compiled before the file changed (an op's kernels, or the shapes its
-# fake returns) would be served after it, and compute the old way or fail (torch 2.11: a cached
-# graph asserted the old shape of the fused experts' kept tensor). The file's hash in every
-# cache key keeps them apart.
+# fake returns) would be served after it, and compute the old way or fail (torch 2.11: a graph
+# cached by one version asserted its shape of the fused experts' kept tensor under another).
+# The file's hash in every cache key keeps them apart.
 with open(__file__, "rb") as source:
     torch.compiler.config.cache_key_tag += f" nano-kernels-{hashlib.sha256(source.read()).hexdigest()[:16]}"
 
