@@ -567,9 +567,9 @@ def expert_ffn_grouped(x, idx, gates, w1, w2, clustering=None):
 # it formed g gelu(pre) from the pre-activations in registers: 1.22 ms where it now takes
 # 0.80, for 0.08 ms more in the forward; H200, 32,768 tokens x 8 heads of 128, N_e 384).
 # Tiles from sweeps on an H100 (bf16, d_h 64, 128 and 256, uniform and skewed routing):
-# the forward and dX share one tile table. At 16,384 tokens,
-# N_e 384, d_e 256, forward + backward: 8 heads of 128 2.5 ms, 4 heads of 256 2.6 with the
-# wide dW tiles (4.5 when the backward recomputed the hidden units, 4 GEMMs more).
+# the forward and dX share one tile table. At 16,384 tokens, N_e 384, d_e 256, forward +
+# backward: 8 heads of 128 2.5 ms, 4 heads of 256 2.6 with the wide dW tiles (4.5 when the
+# backward recomputed the hidden units, 4 GEMMs more).
 FUSED_TILES = dict(BLOCK_M=64, BLOCK_H=32, num_warps=4, num_stages=3)   # forward, dX
 FUSED_DW_TILES = dict(BLOCK_M=64, BLOCK_H=128, num_warps=8, num_stages=2)
 SMALL_DW_TILES = dict(BLOCK_H=32, num_warps=4)                         # changes at 16 pairs a tile
