@@ -598,9 +598,36 @@ def fused_tiles(dim, pairs_per_expert):
 
 
 @triton.jit
+def _normal_cdf(x):
+    # Phi(x) = erfc(a) / 2 for x < 0, 1 - erfc(a) / 2 otherwise, a = |x| / sqrt 2, with
+    # erfc(a) / 2 = 2^(a P(a) - 1): P, of degree 9, fits log2(erfc(a)) / a on [0, 4] (least
+    # squares on Chebyshev nodes, reweighted toward the largest errors) and is held at a = 4
+    # beyond, where erfc(a) / 2 < 8e-9 and keeps falling. |error| < 2e-7 against fp64 (1.5e-7
+    # in the interpreter, 1.7e-7 on an H200; libdevice's erf: 4.5e-8) and, unlike 1 + erf(x /
+    # sqrt 2), within 5e-6 of Phi relative for x < 0. tl.erf, two polynomials chosen per
+    # element, was half the instructions of dX's loop: with this one the loops of the forward
+    # and dX issue a third fewer, forward + backward 3.18 -> 2.87 ms (H200, 32,768 tokens x 8
+    # heads of 128, N_e 384, d_e 256).
+    a = tl.abs(x) * 0.7071067811865476
+    t = tl.minimum(a, 4.0)
+    p = -5.219282783443019e-07 * t + 1.1878364935284093e-05
+    p = p * t - 0.00011569394215861441
+    p = p * t + 0.0006069449583609001
+    p = p * t - 0.0015760243907978451
+    p = p * t - 0.0010260675352471724
+    p = p * t + 0.028730781474116607
+    p = p * t - 0.14880701429753548
+    p = p * t - 0.918323864192739
+    p = p * t - 1.6279169265827076
+    half_erfc = tl.exp2(a * p - 1.0)
+    return tl.where(x < 0, half_erfc, 1.0 - half_erfc)
+
+
+@triton.jit
 def _gelu_and_slope(pre):
-    cdf = 0.5 * (1.0 + tl.erf(pre * 0.7071067811865476))
-    return pre * cdf, cdf + pre * tl.exp(-0.5 * pre * pre) * 0.3989422804014327
+    # gelu(x) = x Phi(x) and its slope Phi(x) + x phi(x), phi(x) = 2^(-x^2 log2(e) / 2) / sqrt(2 pi)
+    cdf = _normal_cdf(pre)
+    return pre * cdf, cdf + pre * tl.exp2(pre * pre * -0.7213475204444817) * 0.3989422804014327
 
 
 @triton.jit
