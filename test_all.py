@@ -972,7 +972,10 @@ def test_routed_block_compiles_whole_around_its_custom_ops(monkeypatch):
             (out * torch.arange(16, device=out.device)).sum().backward()
     assert torch.equal(block.load.cpu(), oracle.load) and oracle.load.sum() == 2 * 37 * 2 * 3
     for a, b in [(ins[1], ins[0])] + list(zip(block.parameters(), oracle.parameters())):
-        torch.testing.assert_close(a.grad.double().cpu(), b.grad, rtol=1e-5, atol=1e-6)
+        # fp32 sums of terms up to the gradient's largest: their error is that largest's, 1e-6
+        # of it where the weights' gradients reach 8 (on an H200, 1.3e-6 at an element of 7e-3)
+        scale = max(1.0, b.grad.abs().max().item())
+        torch.testing.assert_close(a.grad.double().cpu(), b.grad, rtol=1e-5, atol=1e-6 * scale)
     # the ops add the weights' gradients to the .grad of the tensors they were given: one without
     # requires_grad (an alias, as a compiler could pass) is refused, where its .grad would be lost
     with pytest.raises(RuntimeError, match="without requires_grad"):
@@ -1087,7 +1090,7 @@ def test_weights_are_cast_once_until_they_change(kind):
 
 
 @pytest.mark.parametrize("counts,chunk", [([0, 5, 40, 0, 3], 8), ([100], 16), ([0, 0, 0], 4), ([1] * 7, 2),
-                                          ([17, 0, 16, 33], 16)])
+                                          ([17, 0, 16, 33], 16), ([3] * 6, 2)])
 def test_chunk_table_covers_every_pair_once_in_bounded_chunks(counts, chunk):
     starts = torch.tensor([0] + counts).cumsum(0).to(DEV)
     n_pairs, n_groups = sum(counts), len(counts)
@@ -1113,10 +1116,13 @@ def test_chunk_table_covers_every_pair_once_in_bounded_chunks(counts, chunk):
             assert c.slots[g] == len(mine)
             used += [slot[t] for t in mine]
     assert len(set(used)) == len(used) and all(0 <= s < c.max_slots for s in used)
+    split = c.split.cpu().tolist()  # _sum_chunks_kernel's programs: every group of several chunks, once
+    assert len(split) == min(n_groups, c.max_slots // 2 + 1) and len(set(split)) == len(split)
+    assert {g for g in range(n_groups) if c.slots[g] > 0} <= set(split)
 
 
 @pytest.mark.parametrize("pairs,dim,tiles,dw_tiles", [(2.0, 128, 16, (16, 32)), (32.0, 128, 32, (32, 128)),
-                                                      (341.3, 128, 64, (64, 128)), (341.3, 256, 64, (64, 64))])
+                                                      (341.3, 128, 64, (64, 64)), (341.3, 256, 64, (64, 64))])
 def test_fused_tiles_follow_the_pairs_per_expert_and_the_row_width(pairs, dim, tiles, dw_tiles):
     config, dw_config = kernels.fused_tiles(dim, pairs)
     assert config["BLOCK_M"] == tiles and (dw_config["BLOCK_M"], dw_config["BLOCK_H"]) == dw_tiles
