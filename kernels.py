@@ -589,8 +589,9 @@ def fused_tiles(dim, pairs_per_expert):
     at d_h > 128, where fewer pipeline stages also pay (4 heads of 256: forward + backward 3.4 ms -> 2.6).
     At d_h <= 128 and tiles of 64, the forward and dX take 16 hidden units a step, their
     registers capped at 128, so that more programs fit a multiprocessor's registers (dX: four
-    where two did; 32,768 tokens, 8 heads of 128, N_e 384, H200: forward 0.87 -> 0.84 ms, dX 1.42 -> 1.08),
-    and dW 64 over 4 warps in 3 stages (since k is a compile-time constant: 0.73 -> 0.66 ms).
+    where two did; 32,768 tokens, 8 heads of 128, N_e 384, H200: forward 0.87 -> 0.84 ms, dX
+    1.42 -> 1.08), and dW 64 over 4 warps in 3 stages (since k is a compile-time constant:
+    0.73 -> 0.66 ms).
     """
     m = min(64, max(16, triton.next_power_of_2(int(pairs_per_expert))))
     tiles, dw_tiles = dict(FUSED_TILES, BLOCK_M=m), dict(FUSED_DW_TILES, BLOCK_M=m) | (SMALL_DW_TILES if m == 16 else {})
@@ -685,9 +686,13 @@ def _store_pair_units(P, m, ok, j, hidden, value):
 
 
 @triton.jit
-def _fused_experts_fwd_kernel(X, Gates, W1, W2, Y, Pre, GatedH, Order, TileGroup, TileStart, TileEnd, hidden,
-                              K: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, SAVE: tl.constexpr):
+def _fused_experts_fwd_kernel(X, Gates, W1, W2, Y, Pre, GatedH, Order, TileGroup, TileStart, TileEnd,
+                              HIDDEN: tl.constexpr, K: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+                              SAVE: tl.constexpr):
+    # HIDDEN (d_e) is a compile-time constant, as in the backward's kernels: with a runtime trip
+    # count the loop's zero-trip path set acc by plain moves, and ptxas then serialized every
+    # wgmma of this kernel (its warning C7515), a wait after each of x W1^T's eight (sm_90a SASS)
     t = tl.program_id(0)
     g, start, end = tl.load(TileGroup + t), tl.load(TileStart + t), tl.load(TileEnd + t)
     if start < end:  # tiles past the last one are empty
@@ -697,22 +702,22 @@ def _fused_experts_fwd_kernel(X, Gates, W1, W2, Y, Pre, GatedH, Order, TileGroup
         x = _rows(X, row, ok, d, D)
         gate = tl.load(Gates + pair, mask=ok, other=0.0).to(tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        for c in range(0, hidden, BLOCK_H):  # Eq. 1, one chunk of the expert's hidden units
+        for c in range(0, HIDDEN, BLOCK_H):  # Eq. 1, one chunk of the expert's hidden units
             j = c + tl.arange(0, BLOCK_H)
-            w1, w2 = _hidden_chunk(W1, g, j, d, hidden, D), _hidden_chunk(W2, g, j, d, hidden, D)
+            w1, w2 = _hidden_chunk(W1, g, j, d, HIDDEN, D), _hidden_chunk(W2, g, j, d, HIDDEN, D)
             pre = tl.dot(x, tl.trans(w1), input_precision=PRECISION)
             h, _ = _gelu_and_slope(pre)
             if SAVE:
-                _store_pair_units(Pre, m, ok, j, hidden, pre)
-                _store_pair_units(GatedH, m, ok, j, hidden, gate[:, None] * h)
+                _store_pair_units(Pre, m, ok, j, HIDDEN, pre)
+                _store_pair_units(GatedH, m, ok, j, HIDDEN, gate[:, None] * h)
             acc += tl.dot(h.to(x.dtype), w2, input_precision=PRECISION)
         _store_rows(Y, pair, ok, d, D, gate[:, None] * acc)
 
 
 @triton.jit
 def _fused_experts_dx_kernel(DOut, Gates, W1, W2, Pre, DX, DPre, DGates, Order, TileGroup, TileStart, TileEnd,
-                             hidden, K: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
+                             HIDDEN: tl.constexpr, K: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
     t = tl.program_id(0)
     g, start, end = tl.load(TileGroup + t), tl.load(TileStart + t), tl.load(TileEnd + t)
     if start < end:
@@ -723,14 +728,14 @@ def _fused_experts_dx_kernel(DOut, Gates, W1, W2, Pre, DX, DPre, DGates, Order, 
         gate = tl.load(Gates + pair, mask=ok, other=0.0).to(tl.float32)
         dgate = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        for c in range(0, hidden, BLOCK_H):  # dX = sum_c (g dOut W2_c^T * gelu'(pre_c)) W1_c
+        for c in range(0, HIDDEN, BLOCK_H):  # dX = sum_c (g dOut W2_c^T * gelu'(pre_c)) W1_c
             j = c + tl.arange(0, BLOCK_H)
-            w1, w2 = _hidden_chunk(W1, g, j, d, hidden, D), _hidden_chunk(W2, g, j, d, hidden, D)
-            h, slope = _gelu_and_slope(_pair_units(Pre, m, ok, j, hidden).to(tl.float32))
+            w1, w2 = _hidden_chunk(W1, g, j, d, HIDDEN, D), _hidden_chunk(W2, g, j, d, HIDDEN, D)
+            h, slope = _gelu_and_slope(_pair_units(Pre, m, ok, j, HIDDEN).to(tl.float32))
             dh = tl.dot(dout, tl.trans(w2), input_precision=PRECISION)  # dOut W2_c^T
             dgate += tl.sum(h * dh, axis=1)  # dg = <dOut, gelu(x W1^T) W2> = sum_j h_j (dOut W2^T)_j
             dpre = (gate[:, None] * dh * slope).to(dout.dtype)
-            _store_pair_units(DPre, m, ok, j, hidden, dpre)  # for the dW kernel
+            _store_pair_units(DPre, m, ok, j, HIDDEN, dpre)  # for the dW kernel
             acc += tl.dot(dpre, w1, input_precision=PRECISION)
         _store_rows(DX, pair, ok, d, D, acc)
         tl.store(DGates + pair, dgate, mask=ok)
@@ -738,12 +743,12 @@ def _fused_experts_dx_kernel(DOut, Gates, W1, W2, Pre, DX, DPre, DGates, Order, 
 
 @triton.jit
 def _fused_experts_dw_kernel(X, DOut, GatedH, DPre, DW1, DW2, Partial1, Partial2, Order, ChunkGroup,
-                             ChunkStart, ChunkEnd, ChunkSlot, hidden, K: tl.constexpr, D: tl.constexpr,
-                             BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+                             ChunkStart, ChunkEnd, ChunkSlot, HIDDEN: tl.constexpr, K: tl.constexpr,
+                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
                              PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr):
     # one chunk of an expert's pairs and one chunk of its hidden units; the hidden chunks of a chunk of pairs
     # are neighbours in launch order, so that all but the first read its rows of x and dOut from L2
-    n_hidden = tl.cdiv(hidden, BLOCK_H)
+    n_hidden = tl.cdiv(HIDDEN, BLOCK_H)
     t, c = tl.program_id(0) // n_hidden, tl.program_id(0) % n_hidden * BLOCK_H
     g = tl.load(ChunkGroup + t)
     if g >= 0:
@@ -757,16 +762,16 @@ def _fused_experts_dw_kernel(X, DOut, GatedH, DPre, DW1, DW2, Partial1, Partial2
             _, row, ok = _pair_rows(Order, m, end, K)
             x = _rows(X, row, ok, d, D)
             dout = _rows(DOut, row, ok, d, D)
-            dpre = _pair_units(DPre, m, ok, j, hidden)
-            gated_h = _pair_units(GatedH, m, ok, j, hidden)
+            dpre = _pair_units(DPre, m, ok, j, HIDDEN)
+            gated_h = _pair_units(GatedH, m, ok, j, HIDDEN)
             dw1 += tl.dot(tl.trans(dpre), x, input_precision=PRECISION)      # dPre^T X
             dw2 += tl.dot(tl.trans(gated_h), dout, input_precision=PRECISION)  # (g H)^T dOut
         if slot < 0:  # the expert's only chunk: its gradient, written (or added) once
-            _store_hidden_chunk(DW1, g, j, d, hidden, D, dw1, ACCUMULATE)
-            _store_hidden_chunk(DW2, g, j, d, hidden, D, dw2, ACCUMULATE)
+            _store_hidden_chunk(DW1, g, j, d, HIDDEN, D, dw1, ACCUMULATE)
+            _store_hidden_chunk(DW2, g, j, d, HIDDEN, D, dw2, ACCUMULATE)
         else:         # one of several: partial sums, added up in order by _sum_chunks_kernel
-            _store_hidden_chunk(Partial1, slot, j, d, hidden, D, dw1, False)
-            _store_hidden_chunk(Partial2, slot, j, d, hidden, D, dw2, False)
+            _store_hidden_chunk(Partial1, slot, j, d, HIDDEN, D, dw1, False)
+            _store_hidden_chunk(Partial2, slot, j, d, HIDDEN, D, dw2, False)
 
 
 def tile_table(starts, n_pairs, block_m):
