@@ -830,7 +830,7 @@ def test_fused_triton_experts_match_fp64_in_output_and_gradients(routing, n_expe
         assert torch.equal(kernels.expert_ffn_fused(*got_in), got)
 
 
-def test_fused_backward_fills_no_gradient_for_the_kept_pre_activations():
+def test_fused_backward_fills_no_gradient_for_what_the_forward_keeps():
     # kept (the pre-activations and gated hidden units, 2 x P x d_e, the largest tensor of the
     # layer) is an output of the op that no one differentiates; autograd would fill a zero
     # gradient for it in every backward
