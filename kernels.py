@@ -449,6 +449,13 @@ def cluster_by_expert(idx, n_expert):
     return order, torch.searchsorted(group[order], bounds)
 
 
+def clustered_tiles(idx, n_expert, block_m, clustering=None):
+    """The clustering (given, or cluster_by_expert's) and its tile_table: one compiled call
+    where the two took two, each ~0.1 ms of the host's time (H200)."""
+    order, starts = cluster_by_expert(idx, n_expert) if clustering is None else clustering
+    return order, starts, tile_table(starts, order.numel(), block_m)
+
+
 def clustering_of(idx, n_expert, like, clustering=None):
     """The clustering given (topk_route returns one), or cluster_by_expert's, compiled where like is on a GPU."""
     return glue(cluster_by_expert, like)(idx, n_expert) if clustering is None else clustering
@@ -574,30 +581,33 @@ FUSED_TILES = dict(BLOCK_M=64, BLOCK_H=32, num_warps=4, num_stages=3)   # forwar
 FUSED_DW_TILES = dict(BLOCK_M=64, BLOCK_H=128, num_warps=8, num_stages=2)
 SMALL_DW_TILES = dict(BLOCK_H=32, num_warps=4)                         # changes at 16 pairs a tile
 WIDE_TILES, WIDE_DW_TILES = dict(num_stages=2), dict(BLOCK_H=64, num_stages=3)  # changes for d_h > 128
-NARROW_TILES = dict(BLOCK_H=16, maxnreg=128)                           # changes for d_h <= 128, 64 pairs a tile
+NARROW_DX_TILES = dict(BLOCK_H=16, maxnreg=128)                        # dX's changes for d_h <= 128, 64 pairs a tile
 NARROW_DW_TILES = dict(BLOCK_H=64, num_warps=4, num_stages=3)
 
 
 def fused_tiles(dim, pairs_per_expert):
     """
-    (forward and dX tiles, dW tiles) for rows of width dim, from the mean pairs per expert.
+    (forward, dX, dW tiles) for rows of width dim, from the mean pairs per expert; the forward
+    and dX share BLOCK_M, since they share a tile table.
     A tile holds about an expert's pairs (16, 32 or 64): at 2,048 tokens, 8 heads, N_e = 4096
     (two pairs an expert) tiles of 64 were mostly padding, and 16 took the kernels from 4.5 to
     2.8 ms (H100); with tiles of 16, dW takes chunks of 32 hidden units, so that more of its
     programs fit on a multiprocessor. dW otherwise takes 128 hidden units over 8 warps (8 heads
     of 128, 16,384 tokens: 1.03 -> 1.00 ms uniform, 1.18 -> 1.07 under Zipf s = 1.5), and 64
     at d_h > 128, where fewer pipeline stages also pay (4 heads of 256: forward + backward 3.4 ms -> 2.6).
-    At d_h <= 128 and tiles of 64, the forward and dX take 16 hidden units a step, their
-    registers capped at 128, so that more programs fit a multiprocessor's registers (dX: four
-    where two did; 32,768 tokens, 8 heads of 128, N_e 384, H200: forward 0.87 -> 0.84 ms, dX
-    1.42 -> 1.08), and dW 64 over 4 warps in 3 stages (since k is a compile-time constant:
-    0.73 -> 0.66 ms).
+    At d_h <= 128 and tiles of 64, dX takes 16 hidden units a step, its registers capped at
+    128, so that four programs fit a multiprocessor's registers where two did (32,768 tokens,
+    8 heads of 128, N_e 384, H200: 1.42 -> 1.08 ms), and dW 64 over 4 warps in 3 stages (since
+    k is a compile-time constant: 0.73 -> 0.66 ms). The forward kept 32 a step once d_e was a
+    compile-time constant (16 capped at 128: 0.84 ms, 32 uncapped, 144 registers: 0.81).
     """
     m = min(64, max(16, triton.next_power_of_2(int(pairs_per_expert))))
     tiles, dw_tiles = dict(FUSED_TILES, BLOCK_M=m), dict(FUSED_DW_TILES, BLOCK_M=m) | (SMALL_DW_TILES if m == 16 else {})
     if dim > 128:
-        return tiles | WIDE_TILES, dw_tiles | WIDE_DW_TILES
-    return (tiles | NARROW_TILES, dw_tiles | NARROW_DW_TILES) if m == 64 else (tiles, dw_tiles)
+        return tiles | WIDE_TILES, tiles | WIDE_TILES, dw_tiles | WIDE_DW_TILES
+    if m == 64:
+        return tiles, tiles | NARROW_DX_TILES, dw_tiles | NARROW_DW_TILES
+    return tiles, tiles, dw_tiles
 
 
 @triton.jit
@@ -838,8 +848,14 @@ def chunk_table(starts, n_pairs, chunk):
     max_slots = 2 * n_pairs // chunk + 1
     # a split group has two slots or more, so there are at most max_slots // 2 of them: the only
     # groups _sum_chunks_kernel is launched for, where it took all (32,768 tokens x 8 heads, N_e
-    # 384: 382 groups of 3,072, 0.031 -> 0.005 ms a call on an H200)
-    split = torch.argsort((slots == 0).int(), stable=True)[:max_slots // 2 + 1]
+    # 384: 382 groups of 3,072, 0.031 -> 0.005 ms a call on an H200). They go first, in order,
+    # by a stable partition: each group's place from a cumsum, where a stable argsort took 19 us
+    # of the device's time and ~0.1 ms of the host's
+    is_split = slots > 0
+    before = is_split.cumsum(0) - is_split.long()  # split groups before each group
+    groups = torch.arange(slots.numel(), device=starts.device)
+    to = torch.where(is_split, before, is_split.sum() + groups - before)
+    split = torch.empty_like(groups).scatter_(0, to, groups)[:max_slots // 2 + 1]
     return Chunks(group[by_length], first[by_length], end[by_length], slot[by_length].int(), first_slot.int(),
                   slots.int(), split.int(), max_slots)
 
@@ -949,18 +965,18 @@ def fused_experts_backward(dout: torch.Tensor, x: torch.Tensor, gates: torch.Ten
     dW2 go straight into the parameters' .grad (fused_weight_gradients), not through autograd.
     """
     w1c, w2c = expert_compute_copies(x, w1, w2)
-    config, dw_config = fused_tiles(x.size(1), order.numel() / w1c.size(0))
+    _, config, dw_config = fused_tiles(x.size(1), order.numel() / w1c.size(0))
     pre, gated_h = kept
     dx = x.new_empty(order.numel(), x.size(1))  # per pair
     dpre = torch.empty_like(pre)
-    dgates = x.new_empty(order.numel(), dtype=torch.float32)
+    dgates = gates.new_empty(order.numel())  # summed in fp32, stored rounded to the gates' dtype
     _fused_experts_dx_kernel[(tile_group.numel(),)](
         dout, gates, w1c, w2c, pre, dx, dpre, dgates, order, tile_group, tile_start, tile_end, w1c.size(1), k,
         **fused_launch(x, config))
     if weights:
         fused_weight_gradients([weight_parameter(w) for w in (w1, w2)], dw_config,
                                x, dout, gated_h, dpre, order, starts, k)
-    return sum_pairs(dx, k), dgates.to(gates.dtype)
+    return sum_pairs(dx, k), dgates
 
 
 @fused_experts_backward.register_fake
@@ -1101,9 +1117,8 @@ def cast_once(w, dtype):
 def expert_ffn_fused(x, idx, gates, w1, w2, clustering=None):
     """The fused Triton grouped GEMM over the clustered pairs (CUDA, or the interpreter)."""
     N, n_sets, dim = x.shape
-    n_groups = n_sets * w1.size(1)
-    order, starts = clustering_of(idx, w1.size(1), x, clustering)
-    tiles = glue(tile_table, x)(starts, order.numel(), fused_tiles(dim, order.numel() / n_groups)[0]["BLOCK_M"])
+    block_m = fused_tiles(dim, idx.numel() / (n_sets * w1.size(1)))[0]["BLOCK_M"]
+    order, starts, tiles = glue(clustered_tiles, x)(idx, w1.size(1), block_m, clustering)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gates, w1, w2))
     y, _ = fused_experts(x.reshape(N * n_sets, dim).contiguous(), gates.flatten().contiguous(), w1, w2, order,
                          starts, *tiles, idx.size(-1), save)
