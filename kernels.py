@@ -844,7 +844,9 @@ def chunk_table(starts, n_pairs, chunk):
     # multiprocessors wait (H200, the experts' dW at 655,360 tokens x 2 heads of 128, N_e 768:
     # Zipf s = 1 loads 5.84 -> 4.72 ms, log-normal ones of max/mean 25 5.42 -> 4.72, uniform
     # 4.80 -> 4.84; at 32,768 x 8 heads, N_e 384, 1.49 -> 1.54 uniform, 1.57 -> 1.55 log-normal)
-    by_length = torch.argsort(end - first, descending=True, stable=True)
+    # (the lengths as int16 where they fit: a radix sort's passes are per byte of the key)
+    length = (end - first).to(torch.int16 if chunk < torch.iinfo(torch.int16).max else torch.int32)
+    by_length = torch.argsort(length, descending=True, stable=True)
     max_slots = 2 * n_pairs // chunk + 1
     # a split group has two slots or more, so there are at most max_slots // 2 of them: the only
     # groups _sum_chunks_kernel is launched for, where it took all (32,768 tokens x 8 heads, N_e
