@@ -325,10 +325,10 @@ def route_backward(d_scores: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     block_d = triton.next_power_of_2(dim)
     dx, dw = x.new_empty(0), weight.new_empty(0)
     if need_dw:  # first, so that its partial sums are freed before dX exists
-        chunks = glue(chunk_table, x3)(starts, order.numel(),
-                                       chunk_pairs(order.numel(), starts.numel() - 1, ROUTE_DW_TILES["BLOCK_P"]))
+        chunk = chunk_pairs(order.numel(), starts.numel() - 1, ROUTE_DW_TILES["BLOCK_P"])
+        chunks = glue(chunk_table, x3)(starts, order.numel(), chunk)
         dwt = torch.empty(n_heads * n_expert, dim, device=x3.device, dtype=torch.float32)
-        partial = dwt.new_empty(chunks.max_slots, dim)
+        partial = dwt.new_empty(partial_rows(order.numel(), chunk), dim)
         _route_dw_kernel[(chunks.group.numel(),)](
             x3, ds, order, chunks.group, chunks.start, chunks.end, chunks.slot, dwt, partial,
             n_heads, n_expert, *x3.stride(), D=dim, BLOCK_D=block_d, K=k, **ROUTE_DW_TILES)
@@ -449,11 +449,16 @@ def cluster_by_expert(idx, n_expert):
     return order, torch.searchsorted(group[order], bounds)
 
 
-def clustered_tiles(idx, n_expert, block_m, clustering=None):
-    """The clustering (given, or cluster_by_expert's) and its tile_table: one compiled call
-    where the two took two, each ~0.1 ms of the host's time (H200)."""
+def expert_tables(idx, n_expert, block_m, chunk, clustering=None):
+    """
+    The fused experts' bookkeeping, in one compiled call where it took three (~0.4 ms of
+    the host's time each on an H200's host, whatever they compute): the clustering (given,
+    or cluster_by_expert's), its tile_table of block_m pairs and, for a backward (chunk > 0),
+    the weight gradients' chunk_table.
+    """
     order, starts = cluster_by_expert(idx, n_expert) if clustering is None else clustering
-    return order, starts, tile_table(starts, order.numel(), block_m)
+    chunks = chunk_table(starts, order.numel(), chunk) if chunk else ()
+    return order, starts, tile_table(starts, order.numel(), block_m), chunks
 
 
 def clustering_of(idx, n_expert, like, clustering=None):
@@ -810,8 +815,7 @@ class Chunks(NamedTuple):
     slot: torch.Tensor        # its row of partial sums; -1: its group's only chunk, written in place
     first_slot: torch.Tensor  # per group: the first of its rows of partial sums
     slots: torch.Tensor       # per group: how many (0 for a group of one chunk)
-    split: torch.Tensor       # the groups of several chunks first, then others: max_slots // 2 + 1 at most
-    max_slots: int            # rows of partial sums to allocate
+    split: torch.Tensor       # the groups of several chunks first, then others: partial_rows // 2 + 1 at most
 
 
 # A chunk holds up to 8 times an expert's mean pairs, so that balanced routing leaves
@@ -825,14 +829,19 @@ def chunk_pairs(n_pairs, n_groups, block):
     return block * triton.cdiv(max(CHUNK_MIN, int(CHUNK_MEANS * n_pairs / max(n_groups, 1))), block)
 
 
+def partial_rows(n_pairs, chunk):
+    """Rows of partial sums chunk_table's chunks need at most: a group of c > chunk pairs has
+    t = ceil(c / chunk) <= 2 (t - 1) < 2 c / chunk chunks, so all have fewer than 2 P / chunk."""
+    return 2 * n_pairs // chunk + 1
+
+
 def chunk_table(starts, n_pairs, chunk):
     """
     The weight gradients' work split so that its time does not depend on how the pairs
     spread over experts: every expert's pairs in chunks of at most `chunk`, one program
     each. An expert of one chunk writes its gradient in place; the chunks of an expert
-    split over several write partial sums to rows of their own, which _sum_chunks_kernel
-    adds in chunk order: deterministic, no atomics. A group of c > chunk pairs has
-    t = ceil(c / chunk) <= 2 (t - 1) < 2 c / chunk chunks: at most 2 P / chunk rows.
+    split over several write partial sums to rows of their own (partial_rows of them at
+    most), which _sum_chunks_kernel adds in chunk order: deterministic, no atomics.
     """
     group, first, end = tile_table(starts, n_pairs, chunk)
     tiles = (starts.diff() + chunk - 1) // chunk
@@ -847,8 +856,7 @@ def chunk_table(starts, n_pairs, chunk):
     # (the lengths as int16 where they fit: a radix sort's passes are per byte of the key)
     length = (end - first).to(torch.int16 if chunk < torch.iinfo(torch.int16).max else torch.int32)
     by_length = torch.argsort(length, descending=True, stable=True)
-    max_slots = 2 * n_pairs // chunk + 1
-    # a split group has two slots or more, so there are at most max_slots // 2 of them: the only
+    # a split group has two slots or more, so there are at most partial_rows // 2 of them: the only
     # groups _sum_chunks_kernel is launched for, where it took all (32,768 tokens x 8 heads, N_e
     # 384: 382 groups of 3,072, 0.031 -> 0.005 ms a call on an H200). They go first, in order,
     # by a stable partition: each group's place from a cumsum, where a stable argsort took 19 us
@@ -857,9 +865,9 @@ def chunk_table(starts, n_pairs, chunk):
     before = is_split.cumsum(0) - is_split.long()  # split groups before each group
     groups = torch.arange(slots.numel(), device=starts.device)
     to = torch.where(is_split, before, is_split.sum() + groups - before)
-    split = torch.empty_like(groups).scatter_(0, to, groups)[:max_slots // 2 + 1]
+    split = torch.empty_like(groups).scatter_(0, to, groups)[:partial_rows(n_pairs, chunk) // 2 + 1]
     return Chunks(group[by_length], first[by_length], end[by_length], slot[by_length].int(), first_slot.int(),
-                  slots.int(), split.int(), max_slots)
+                  slots.int(), split.int())
 
 
 @triton.jit
@@ -930,14 +938,15 @@ def fused_launch(x, config):
 
 @torch.library.custom_op("nano::fused_experts", mutates_args=())
 def fused_experts(x: torch.Tensor, gates: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, order: torch.Tensor,
-                  starts: torch.Tensor, tile_group: torch.Tensor, tile_start: torch.Tensor, tile_end: torch.Tensor,
-                  k: int, save: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                  tiles: list[torch.Tensor], chunks: list[torch.Tensor], k: int,
+                  save: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """
     Eq. 1 over the clustered pairs. x: (N * S, d) sub-tokens; gates: (N * S * k,);
     w1, w2: (S, N_e, d_e, d), the expert weights (parameters, or views of whole ones), cast
-    to x's dtype once per optimizer step (compute_copy); order, starts: the clustering of
-    the N * S * k pairs (cluster_by_expert); tile_*: their tile_table; save: whether a
-    backward will run. Returns (y, kept): y (N * S, d), and what the backward keeps (none
+    to x's dtype once per optimizer step (compute_copy); order: the clustered order of the
+    N * S * k pairs (cluster_by_expert); tiles: their tile_table; chunks: their chunk_table,
+    which only the backward's dW reads (made in one call with the rest, expert_tables);
+    save: whether a backward will run. Returns (y, kept): y (N * S, d), and what the backward keeps (none
     unless save), (2, N * S * k, d_e) in clustered order: the pre-activations x W1^T and the
     gated hidden units g gelu(x W1^T); no copy of x. The kernel reads x and writes each
     pair's gated output through order, so no clustered copy exists; the sum over k follows.
@@ -946,22 +955,21 @@ def fused_experts(x: torch.Tensor, gates: torch.Tensor, w1: torch.Tensor, w2: to
     config = fused_tiles(x.size(1), order.numel() / w1c.size(0))[0]
     y = x.new_empty(order.numel(), x.size(1))
     kept = x.new_empty(2, order.numel() if save else 0, w1c.size(1))
-    _fused_experts_fwd_kernel[(tile_group.numel(),)](
-        x, gates, w1c, w2c, y, kept[0], kept[1], order, tile_group, tile_start, tile_end, w1c.size(1), k,
+    _fused_experts_fwd_kernel[(tiles[0].numel(),)](
+        x, gates, w1c, w2c, y, kept[0], kept[1], order, *tiles, w1c.size(1), k,
         **fused_launch(x, config), SAVE=save)
     return sum_pairs(y, k), kept
 
 
 @fused_experts.register_fake
-def _(x, gates, w1, w2, order, starts, tile_group, tile_start, tile_end, k, save):
+def _(x, gates, w1, w2, order, tiles, chunks, k, save):
     return x.new_empty(x.shape), x.new_empty(2, order.numel() if save else 0, w1.size(-2))
 
 
 @torch.library.custom_op("nano::fused_experts_backward", mutates_args=())
 def fused_experts_backward(dout: torch.Tensor, x: torch.Tensor, gates: torch.Tensor, w1: torch.Tensor,
-                           w2: torch.Tensor, kept: torch.Tensor, order: torch.Tensor, starts: torch.Tensor,
-                           tile_group: torch.Tensor, tile_start: torch.Tensor, tile_end: torch.Tensor, k: int,
-                           weights: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                           w2: torch.Tensor, kept: torch.Tensor, order: torch.Tensor, tiles: list[torch.Tensor],
+                           chunks: list[torch.Tensor], k: int, weights: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """
     (dX, dgates) of fused_experts, from dout (N * S, d) in x's dtype. With `weights`, dW1 and
     dW2 go straight into the parameters' .grad (fused_weight_gradients), not through autograd.
@@ -972,34 +980,34 @@ def fused_experts_backward(dout: torch.Tensor, x: torch.Tensor, gates: torch.Ten
     dx = x.new_empty(order.numel(), x.size(1))  # per pair
     dpre = torch.empty_like(pre)
     dgates = gates.new_empty(order.numel())  # summed in fp32, stored rounded to the gates' dtype
-    _fused_experts_dx_kernel[(tile_group.numel(),)](
-        dout, gates, w1c, w2c, pre, dx, dpre, dgates, order, tile_group, tile_start, tile_end, w1c.size(1), k,
-        **fused_launch(x, config))
+    _fused_experts_dx_kernel[(tiles[0].numel(),)](
+        dout, gates, w1c, w2c, pre, dx, dpre, dgates, order, *tiles, w1c.size(1), k, **fused_launch(x, config))
     if weights:
         fused_weight_gradients([weight_parameter(w) for w in (w1, w2)], dw_config,
-                               x, dout, gated_h, dpre, order, starts, k)
+                               x, dout, gated_h, dpre, order, Chunks(*chunks), k)
     return sum_pairs(dx, k), dgates
 
 
 @fused_experts_backward.register_fake
-def _(dout, x, gates, w1, w2, kept, order, starts, tile_group, tile_start, tile_end, k, weights):
+def _(dout, x, gates, w1, w2, kept, order, tiles, chunks, k, weights):
     return x.new_empty(x.shape), gates.new_empty(gates.shape)
 
 
 def fused_experts_setup(ctx, inputs, output):
-    x, gates, w1, w2, order, starts, *tiles, k, _ = inputs
-    ctx.save_for_backward(x, gates, w1, w2, output[1], order, starts, *tiles)
+    x, gates, w1, w2, order, tiles, chunks, k, _ = inputs
+    ctx.save_for_backward(x, gates, w1, w2, output[1], order, *tiles, *chunks)
     ctx.k = k
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # else autograd fills a zero gradient for kept, 2 x P x d_e, every backward
 
 
 def fused_experts_grad(ctx, dy, _):
-    x, gates, w1, w2, kept, order, starts, *tiles = ctx.saved_tensors
+    x, gates, w1, w2, kept, order, *tables = ctx.saved_tensors
+    tiles, chunks = tables[:3], tables[3:]
     dout = dy.to(x.dtype).contiguous()  # fp32 from the graph after it; cast in the traced backward; read 3 times
-    dx, dgates = fused_experts_backward(dout, x, gates, w1, w2, kept, order, starts, *tiles, ctx.k,
+    dx, dgates = fused_experts_backward(dout, x, gates, w1, w2, kept, order, tiles, chunks, ctx.k,
                                         any(ctx.needs_input_grad[2:4]))
-    return dx, dgates, *[None] * 9
+    return dx, dgates, None, None, None, [None] * len(tiles), [None] * len(chunks), None, None
 
 
 torch.library.register_autograd("nano::fused_experts", fused_experts_grad, setup_context=fused_experts_setup)
@@ -1010,16 +1018,14 @@ def expert_compute_copies(x, w1, w2):
     return (compute_copy(weight_parameter(w), x.dtype).view(-1, *w.shape[-2:]) for w in (w1, w2))
 
 
-def fused_weight_gradients(params, dw_config, x, dout, gated_h, dpre, order, starts, k):
-    """dW1, dW2 of fused_experts, one program per chunk of an expert's pairs and chunk of its
-    hidden units, added to (or stored in) the parameters' .grad."""
+def fused_weight_gradients(params, dw_config, x, dout, gated_h, dpre, order, chunks, k):
+    """dW1, dW2 of fused_experts, one program per chunk of an expert's pairs (chunks: their
+    chunk_table) and chunk of its hidden units, added to (or stored in) the parameters' .grad."""
     (dw1, dw2), accumulate = gradient_buffers(params)
-    n_groups, hidden, dim = starts.numel() - 1, dpre.size(1), x.size(1)
+    n_pairs, n_groups, hidden, dim = order.numel(), chunks.slots.numel(), dpre.size(1), x.size(1)
     dw1, dw2 = dw1.view(n_groups, hidden, dim), dw2.view(n_groups, hidden, dim)
-    block_m = dw_config["BLOCK_M"]
-    chunks = glue(chunk_table, x)(starts, order.numel(), chunk_pairs(order.numel(), n_groups, block_m))
-    partial1, partial2 = (torch.empty(chunks.max_slots, hidden, dim, device=x.device, dtype=torch.float32)
-                          for _ in range(2))
+    rows = partial_rows(n_pairs, chunk_pairs(n_pairs, n_groups, dw_config["BLOCK_M"]))
+    partial1, partial2 = (torch.empty(rows, hidden, dim, device=x.device, dtype=torch.float32) for _ in range(2))
     _fused_experts_dw_kernel[(chunks.group.numel() * triton.cdiv(hidden, dw_config["BLOCK_H"]),)](
         x, dout, gated_h, dpre, dw1, dw2, partial1, partial2, order, chunks.group, chunks.start, chunks.end,
         chunks.slot, hidden, k, **fused_launch(x, dw_config), ACCUMULATE=accumulate)
@@ -1119,11 +1125,13 @@ def cast_once(w, dtype):
 def expert_ffn_fused(x, idx, gates, w1, w2, clustering=None):
     """The fused Triton grouped GEMM over the clustered pairs (CUDA, or the interpreter)."""
     N, n_sets, dim = x.shape
-    block_m = fused_tiles(dim, idx.numel() / (n_sets * w1.size(1)))[0]["BLOCK_M"]
-    order, starts, tiles = glue(clustered_tiles, x)(idx, w1.size(1), block_m, clustering)
+    n_pairs, n_groups = idx.numel(), n_sets * w1.size(1)
+    config, _, dw_config = fused_tiles(dim, n_pairs / n_groups)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gates, w1, w2))
+    chunk = chunk_pairs(n_pairs, n_groups, dw_config["BLOCK_M"]) if save else 0
+    order, _, tiles, chunks = glue(expert_tables, x)(idx, w1.size(1), config["BLOCK_M"], chunk, clustering)
     y, _ = fused_experts(x.reshape(N * n_sets, dim).contiguous(), gates.flatten().contiguous(), w1, w2, order,
-                         starts, *tiles, idx.size(-1), save)
+                         list(tiles), list(chunks), idx.size(-1), save)
     return y.view(N, n_sets, dim)
 
 

@@ -1115,11 +1115,12 @@ def test_chunk_table_covers_every_pair_once_in_bounded_chunks(counts, chunk):
             assert [slot[t] for t in mine] == list(range(int(c.first_slot[g]), int(c.first_slot[g]) + len(mine)))
             assert c.slots[g] == len(mine)
             used += [slot[t] for t in mine]
-    assert len(set(used)) == len(used) and all(0 <= s < c.max_slots for s in used)
+    rows = kernels.partial_rows(n_pairs, chunk)
+    assert len(set(used)) == len(used) and all(0 <= s < rows for s in used)
     # _sum_chunks_kernel's programs: every group of several chunks, once, then others (a stable partition)
     several = [g for g in range(n_groups) if c.slots[g] > 0]
-    assert c.split.cpu().tolist() == (several + [g for g in range(n_groups) if c.slots[g] == 0])[:c.max_slots // 2 + 1]
-    assert len(several) <= c.max_slots // 2
+    assert c.split.cpu().tolist() == (several + [g for g in range(n_groups) if c.slots[g] == 0])[:rows // 2 + 1]
+    assert len(several) <= rows // 2
 
 
 @pytest.mark.parametrize("pairs,dim,tiles,hidden,dw_tiles", [
