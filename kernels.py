@@ -454,11 +454,11 @@ def expert_tables(idx, n_expert, block_m, chunk, clustering=None):
     The fused experts' bookkeeping, in one compiled call where it took three (~0.4 ms of
     the host's time each on an H200's host, whatever they compute): the clustering (given,
     or cluster_by_expert's), its tile_table of block_m pairs and, for a backward (chunk > 0),
-    the weight gradients' chunk_table.
+    the weight gradients' chunk_table. Returns (order, tiles, chunks).
     """
     order, starts = cluster_by_expert(idx, n_expert) if clustering is None else clustering
     chunks = chunk_table(starts, order.numel(), chunk) if chunk else ()
-    return order, starts, tile_table(starts, order.numel(), block_m), chunks
+    return order, tile_table(starts, order.numel(), block_m), chunks
 
 
 def clustering_of(idx, n_expert, like, clustering=None):
@@ -946,9 +946,9 @@ def fused_experts(x: torch.Tensor, gates: torch.Tensor, w1: torch.Tensor, w2: to
     to x's dtype once per optimizer step (compute_copy); order: the clustered order of the
     N * S * k pairs (cluster_by_expert); tiles: their tile_table; chunks: their chunk_table,
     which only the backward's dW reads (made in one call with the rest, expert_tables);
-    save: whether a backward will run. Returns (y, kept): y (N * S, d), and what the backward keeps (none
-    unless save), (2, N * S * k, d_e) in clustered order: the pre-activations x W1^T and the
-    gated hidden units g gelu(x W1^T); no copy of x. The kernel reads x and writes each
+    save: whether a backward will run. Returns (y, kept): y (N * S, d), and what the
+    backward keeps (none unless save), (2, N * S * k, d_e) in clustered order: the
+    pre-activations x W1^T and the gated hidden units g gelu(x W1^T); no copy of x. The kernel reads x and writes each
     pair's gated output through order, so no clustered copy exists; the sum over k follows.
     """
     w1c, w2c = expert_compute_copies(x, w1, w2)
@@ -1129,7 +1129,7 @@ def expert_ffn_fused(x, idx, gates, w1, w2, clustering=None):
     config, _, dw_config = fused_tiles(dim, n_pairs / n_groups)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gates, w1, w2))
     chunk = chunk_pairs(n_pairs, n_groups, dw_config["BLOCK_M"]) if save else 0
-    order, _, tiles, chunks = glue(expert_tables, x)(idx, w1.size(1), config["BLOCK_M"], chunk, clustering)
+    order, tiles, chunks = glue(expert_tables, x)(idx, w1.size(1), config["BLOCK_M"], chunk, clustering)
     y, _ = fused_experts(x.reshape(N * n_sets, dim).contiguous(), gates.flatten().contiguous(), w1, w2, order,
                          list(tiles), list(chunks), idx.size(-1), save)
     return y.view(N, n_sets, dim)
